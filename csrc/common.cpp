@@ -1,0 +1,113 @@
+#include "common.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/view_as_real.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace gradstats {
+
+std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write) {
+  TORCH_CHECK(!tensors.empty(), "gradstats.", op,
+              ": got an empty list of tensors; expected at least one (the Python API returns "
+              "early for empty lists)");
+  const c10::Device device = tensors[0].device();
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), "gradstats.", op, ": tensor ", i, " is undefined (None)");
+    TORCH_CHECK(t.layout() == c10::kStrided, "gradstats.", op, ": tensor ", i, " has layout ",
+                t.layout(), "; expected dense (strided) tensors. Sparse gradients are not "
+                "supported: pass .to_dense() or the values of the sparse tensor");
+    TORCH_CHECK(t.device() == device, "gradstats.", op, ": tensor ", i, " is on ", t.device(),
+                " but tensor 0 is on ", device,
+                "; the op takes the tensors of one device (the Python API groups them by device)");
+    // The conjugate bit changes no norm, count or real scale factor: read the memory as it is.
+    at::Tensor real = t.is_complex() ? at::view_as_real(t.is_conj() ? t.conj() : t) : t;
+    const auto type = real.scalar_type();
+    TORCH_CHECK(type == at::kDouble || type == at::kFloat || type == at::kHalf ||
+                    type == at::kBFloat16,
+                "gradstats.", op, ": tensor ", i, " has dtype ", t.scalar_type(),
+                "; expected float64, float32, float16 or bfloat16 (complex64/complex128 are read "
+                "through their real view)");
+    if (write) {
+      TORCH_CHECK(at::has_internal_overlap(real) != at::MemOverlap::Yes, "gradstats.", op,
+                  ": tensor ", i, " (sizes ", real.sizes(), ", strides ", real.strides(),
+                  ") has elements that share memory (an expanded or broadcast view); scaling it in "
+                  "place would scale those elements more than once. Pass a tensor that owns its "
+                  "memory (.clone())");
+    }
+    out.push_back(std::move(real));
+  }
+  return out;
+}
+
+NormSpec parse_norm_type(double norm_type) {
+  TORCH_CHECK(norm_type > 0.0, "gradstats: norm_type must be > 0 or inf; got ", norm_type,
+              " (norm_type 0 and -inf are not supported)");
+  return make_norm_spec(norm_type);
+}
+
+Nonfinite parse_nonfinite(c10::string_view name) {
+  if (name == "propagate") return Nonfinite::kPropagate;
+  if (name == "skip") return Nonfinite::kSkip;
+  if (name == "zero") return Nonfinite::kZero;
+  TORCH_CHECK(false, "gradstats.stats: on_nonfinite must be 'propagate', 'skip' or 'zero'; got '",
+              std::string(name), "'");
+}
+
+DType dtype_tag(at::ScalarType type) {
+  switch (type) {
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "gradstats: unsupported dtype ", type);
+  }
+}
+
+at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors) {
+  const auto n = static_cast<int64_t>(tensors.size());
+  const auto opts = tensors[0].options().dtype(norm_dtype(tensors));
+  return StatsOutputs{at::empty({}, opts), at::empty({}, opts), at::empty({n}, opts),
+                      at::empty({kCountRows, n + 1}, opts.dtype(at::kLong))};
+}
+
+std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensors,
+                                           const at::Tensor& coef,
+                                           const std::optional<at::Tensor>& zero_nonfinite) {
+  const c10::Device device = tensors[0].device();
+  TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
+              "gradstats.scale_: coef must hold one floating-point value; got a tensor of dtype ",
+              coef.scalar_type(), " and sizes ", coef.sizes());
+  TORCH_CHECK(coef.device() == device, "gradstats.scale_: coef is on ", coef.device(),
+              " but the tensors are on ", device, "; move it with .to(", device, ")");
+  if (!zero_nonfinite.has_value()) return std::nullopt;
+  const at::Tensor& counts = *zero_nonfinite;
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 &&
+                  counts.size(0) == static_cast<int64_t>(tensors.size()),
+              "gradstats.scale_: zero_nonfinite must be the per-tensor non-finite counts, int64 of "
+              "shape [",
+              tensors.size(), "]; got dtype ", counts.scalar_type(), " and sizes ",
+              counts.sizes());
+  TORCH_CHECK(counts.device() == device, "gradstats.scale_: zero_nonfinite is on ",
+              counts.device(), " but the tensors are on ", device);
+  return counts;
+}
+
+}  // namespace gradstats

@@ -1,0 +1,46 @@
+// Argument checks and output allocation shared by the CPU and CUDA implementations of the ops
+// declared in gradstats.cpp, so that both devices accept and reject exactly the same inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+#include "stats.h"
+
+namespace gradstats {
+
+// The validated inputs of one call: complex tensors replaced by their real views.
+// write=true (scale_) also rejects tensors whose elements share memory.
+std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write);
+
+NormSpec parse_norm_type(double norm_type);
+Nonfinite parse_nonfinite(c10::string_view name);
+DType dtype_tag(at::ScalarType type);
+
+// The dtype of the norms and the clip coefficient: float64 when any input is float64, else float32
+// (so that float16/bfloat16 norms cannot overflow).
+at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors);
+
+struct StatsOutputs {
+  at::Tensor total_norm;  // 0-dim, norm_dtype
+  at::Tensor clip_coef;   // 0-dim, norm_dtype
+  at::Tensor norms;       // [n], norm_dtype
+  at::Tensor counts;      // int64 [3, n + 1]: rows NaN, Inf, NaN + Inf; column n holds the totals
+};
+constexpr int64_t kCountRows = 3;
+constexpr int64_t kNanRow = 0;
+constexpr int64_t kInfRow = 1;
+constexpr int64_t kNonfiniteRow = 2;
+
+StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors);
+
+// Checks scale_'s coefficient (one floating value on the tensors' device) and its optional
+// per-tensor non-finite counts (int64 [n], same device). Returns the counts, if given.
+std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensors,
+                                           const at::Tensor& coef,
+                                           const std::optional<at::Tensor>& zero_nonfinite);
+
+}  // namespace gradstats

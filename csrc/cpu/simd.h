@@ -1,0 +1,153 @@
+// The vectorised inner loops of the CPU kernels (at::vec; AVX2 when the build enables it).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "stats.h"
+
+namespace gradstats::cpu {
+
+using FVec = at::vec::Vectorized<float>;
+using DVec = at::vec::Vectorized<double>;
+
+template <typename T>
+constexpr bool kIsReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Element type the arithmetic happens in: float for float/half/bfloat16, double for double.
+template <typename T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+using Vec = at::vec::Vectorized<opmath_t<T>>;
+
+// Elements per group: two opmath vectors (one 16-bit vector holds exactly that many).
+template <typename T>
+constexpr int64_t kGroup = 2 * Vec<T>::size();
+
+// Loads one group as two opmath vectors (16-bit types are widened in registers).
+template <typename T>
+inline void load_group(const T* p, Vec<T>& a, Vec<T>& b) {
+  if constexpr (kIsReduced<T>) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  } else {
+    a = Vec<T>::loadu(p);
+    b = Vec<T>::loadu(p + Vec<T>::size());
+  }
+}
+
+template <typename T>
+inline void store_group(T* p, const Vec<T>& a, const Vec<T>& b) {
+  if constexpr (kIsReduced<T>) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  } else {
+    a.store(p);
+    b.store(p + Vec<T>::size());
+  }
+}
+
+// Accumulators are flushed into a double after this many groups. For float lanes that bounds each
+// lane's float sum to kFlushGroups * 2 / kAccs = 8 terms, so its relative rounding error stays
+// below 1e-6 however long the row is; the double total carries the rest.
+constexpr int64_t kFlushGroups = 16;
+constexpr int kAccs = 4;
+
+// A float-lane sum below this may have lost tiny terms to underflow (each float operation errs by
+// at most 2^-150 absolute, a row has at most 2^16 elements): such rows are recomputed in double
+// unless they hold only zeros.
+constexpr double kUnderflowGuard = 0x1p-100;
+
+template <typename V>
+inline V add_term(NormKind kind, const V& acc, const V& x) {
+  switch (kind) {
+    case NormKind::kL2:
+      return at::vec::fmadd(x, x, acc);
+    case NormKind::kL1:
+      return acc + x.abs();
+    default:
+      return at::vec::maximum(acc, x.abs());  // propagates NaN, as the caller relies on
+  }
+}
+
+template <typename V>
+inline double flush(NormKind kind, const V (&acc)[kAccs]) {
+  using S = typename V::value_type;
+  alignas(64) S lanes[kAccs * V::size()];
+  for (int k = 0; k < kAccs; ++k) acc[k].store(lanes + k * V::size());
+  double r = 0.0;
+  for (S v : lanes) {
+    r = kind == NormKind::kInf ? (std::isnan(v) || v > r ? double(v) : r) : r + double(v);
+  }
+  return r;
+}
+
+// Sum of |x|^p (max |x| for inf) over a contiguous row, for p = 1, 2 or inf, with no masking: the
+// result is NaN or Inf exactly when some element is non-finite or a float lane overflowed, and then
+// the caller recomputes the row exactly (stats.h: exact_partial). Float lanes can also lose terms
+// to underflow; the caller checks for that too (kUnderflowGuard).
+template <typename T>
+double fast_row_sum(const T* p, int64_t n, NormKind kind) {
+  using V = Vec<T>;
+  const int64_t full = n - n % (kGroup<T> * kFlushGroups);
+  double total = 0.0;
+  V zero(0);
+  for (int64_t i = 0; i < full; i += kGroup<T> * kFlushGroups) {
+    V acc[kAccs] = {zero, zero, zero, zero};
+    for (int64_t g = 0; g < kFlushGroups; ++g) {
+      V a, b;
+      load_group(p + i + g * kGroup<T>, a, b);
+      const int k = static_cast<int>(2 * g) % kAccs;
+      acc[k] = add_term(kind, acc[k], a);
+      acc[k + 1] = add_term(kind, acc[k + 1], b);
+    }
+    const double block = flush(kind, acc);
+    total = kind == NormKind::kInf ? (std::isnan(block) || block > total ? block : total)
+                                   : total + block;
+  }
+  const NormSpec spec = make_norm_spec(kind == NormKind::kL1 ? 1.0 : kind == NormKind::kL2 ? 2.0
+                                                                                          : INFINITY);
+  for (int64_t i = full; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(p[i]));
+    total = kind == NormKind::kInf ? (std::isnan(a) || a > total ? a : total)
+                                   : total + pow_term(a, spec);
+  }
+  return total;
+}
+
+// x <- x * coef in place over a row of n elements stride apart, in opmath precision; with
+// zero_nonfinite, NaN and Inf elements become 0 instead. Vectorised when the row is contiguous.
+template <typename T>
+void scale_row(T* p, int64_t n, int64_t stride, double coef, bool zero_nonfinite) {
+  using V = Vec<T>;
+  using S = opmath_t<T>;
+  const S c = static_cast<S>(coef);
+  const V cv(c);
+  const V zero(S(0));
+  const int64_t full = stride == 1 ? n - n % kGroup<T> : 0;
+  for (int64_t i = 0; i < full; i += kGroup<T>) {
+    V a, b;
+    load_group(p + i, a, b);
+    if (zero_nonfinite) {
+      // x - x is 0 for finite x and NaN for NaN and +-Inf.
+      a = V::blendv(a * cv, zero, (a - a).isnan());
+      b = V::blendv(b * cv, zero, (b - b).isnan());
+    } else {
+      a = a * cv;
+      b = b * cv;
+    }
+    store_group(p + i, a, b);
+  }
+  for (int64_t i = full; i < n; ++i) {
+    T& x = p[i * stride];
+    const S v = static_cast<S>(x);
+    x = static_cast<T>(zero_nonfinite && !std::isfinite(v) ? S(0) : v * c);
+  }
+}
+
+}  // namespace gradstats::cpu

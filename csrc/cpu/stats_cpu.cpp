@@ -1,0 +1,235 @@
+// CPU kernels of the gradstats ops. The tensors of a call are cut into pieces of at most
+// kChunkElems elements; threads take contiguous runs of pieces balanced by element count; every
+// piece writes its own Partial, and the partials are combined in piece order. The result is
+// therefore bitwise the same for any number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "cpu/simd.h"
+#include "layout.h"
+#include "stats.h"
+
+namespace gradstats::cpu {
+namespace {
+
+// Elements per piece: large enough to amortise the per-piece work, small enough to balance
+// two to a few dozen threads on one model's gradients.
+constexpr int64_t kChunkElems = int64_t{1} << 16;
+// Below this many elements in a call, waking threads costs more than it saves.
+constexpr int64_t kSerialBelowElems = int64_t{1} << 15;
+
+struct Source {
+  char* data;  // the tensor's first element
+  int64_t itemsize;
+  DType dtype;
+  Layout layout;
+};
+
+struct Piece {
+  int64_t tensor;
+  int64_t begin;  // element range in the tensor's walk order (layout.h)
+  int64_t end;
+};
+
+struct Plan {
+  std::vector<Source> sources;
+  std::vector<Piece> pieces;
+  std::vector<int64_t> piece_start;  // elements before each piece, over all pieces
+  int64_t total_elems = 0;
+};
+
+Source make_source(const at::Tensor& t, int64_t index, const char* op) {
+  Source s{static_cast<char*>(t.data_ptr()), static_cast<int64_t>(t.element_size()),
+           dtype_tag(t.scalar_type()), Layout{}};
+  TORCH_CHECK(make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()),
+                          s.layout),
+              "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
+              " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
+              "); pass a contiguous tensor");
+  return s;
+}
+
+void add_pieces(Plan& plan, int64_t tensor) {
+  const int64_t n = plan.sources[tensor].layout.numel;
+  for (int64_t begin = 0; begin < n; begin += kChunkElems) {
+    plan.piece_start.push_back(plan.total_elems);
+    plan.pieces.push_back(Piece{tensor, begin, std::min(n, begin + kChunkElems)});
+    plan.total_elems += plan.pieces.back().end - begin;
+  }
+}
+
+// Runs body(piece_index) for every piece, spread over the intra-op threads by element count.
+template <typename F>
+void for_each_piece(const Plan& plan, F&& body) {
+  const auto count = static_cast<int64_t>(plan.pieces.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  if (plan.total_elems < kSerialBelowElems || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      // Thread t takes the pieces that start in its share [t, t + 1) * total / threads.
+      const auto share = [&](int64_t k) {
+        return std::lower_bound(plan.piece_start.begin(), plan.piece_start.end(),
+                                (plan.total_elems * k + threads - 1) / threads) -
+               plan.piece_start.begin();
+      };
+      for (int64_t i = share(t); i < share(t + 1); ++i) body(i);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat64:
+      return f(double{});
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(c10::Half{});
+    case DType::kBFloat16:
+      return f(c10::BFloat16{});
+  }
+}
+
+template <typename T>
+Partial row_partial(const T* p, int64_t n, int64_t stride, NormSpec spec) {
+  const auto exact = [&] {
+    return exact_partial([&](int64_t i) { return static_cast<double>(p[i * stride]); }, n, spec);
+  };
+  if (stride != 1 || spec.kind == NormKind::kP) return exact();
+  const double sum = fast_row_sum(p, n, spec.kind);
+  if (!std::isfinite(sum)) return exact();
+  if constexpr (!std::is_same_v<T, double>) {
+    const bool may_have_underflowed = spec.kind != NormKind::kInf && sum < kUnderflowGuard &&
+                                      fast_row_sum(p, n, NormKind::kInf) != 0.0;
+    if (may_have_underflowed) return exact();
+  }
+  Partial r = empty_partial();
+  r.sum = sum;
+  rescale(r.sum, r.exp, spec);
+  return r;
+}
+
+Partial piece_partial(const Source& src, const Piece& piece, NormSpec spec) {
+  Partial acc = empty_partial();
+  dispatch_dtype(src.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = reinterpret_cast<const T*>(src.data);
+    for_each_row(src.layout, piece.begin, piece.end, [&](int64_t off, int64_t n, int64_t stride) {
+      combine(acc, row_partial(base + off, n, stride, spec), spec);
+    });
+  });
+  return acc;
+}
+
+Plan make_plan(const std::vector<at::Tensor>& tensors, const char* op) {
+  Plan plan;
+  plan.sources.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    plan.sources.push_back(make_source(tensors[i], static_cast<int64_t>(i), op));
+    add_pieces(plan, static_cast<int64_t>(i));
+  }
+  return plan;
+}
+
+template <typename T>
+void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, NormSpec spec,
+                   Nonfinite policy, double max_norm, const StatsOutputs& out) {
+  const auto n = static_cast<int64_t>(per_tensor.size());
+  T* norms = out.norms.data_ptr<T>();
+  int64_t* counts = out.counts.data_ptr<int64_t>();
+  const auto write_counts = [&](int64_t col, const Partial& p) {
+    counts[kNanRow * (n + 1) + col] = p.nan;
+    counts[kInfRow * (n + 1) + col] = p.inf;
+    counts[kNonfiniteRow * (n + 1) + col] = p.nan + p.inf;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    norms[i] = static_cast<T>(reported_norm(per_tensor[i], spec, policy));
+    write_counts(i, per_tensor[i]);
+  }
+  write_counts(n, all);
+  const T total = static_cast<T>(reported_norm(all, spec, policy));
+  *out.total_norm.data_ptr<T>() = total;
+  *out.clip_coef.data_ptr<T>() = clip_coefficient<T>(total, max_norm, all, policy);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(
+    at::TensorList tensor_list, double norm_type, double max_norm, c10::string_view on_nonfinite) {
+  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
+  const NormSpec spec = parse_norm_type(norm_type);
+  const Nonfinite policy = parse_nonfinite(on_nonfinite);
+  const Plan plan = make_plan(tensors, "stats");
+
+  std::vector<Partial> partials(plan.pieces.size());
+  for_each_piece(plan, [&](int64_t i) {
+    const Piece& piece = plan.pieces[i];
+    partials[i] = piece_partial(plan.sources[piece.tensor], piece, spec);
+  });
+
+  std::vector<Partial> per_tensor(tensors.size(), empty_partial());
+  for (size_t i = 0; i < plan.pieces.size(); ++i) {
+    combine(per_tensor[plan.pieces[i].tensor], partials[i], spec);
+  }
+  Partial all = empty_partial();
+  for (const Partial& p : per_tensor) combine(all, p, spec);
+
+  const StatsOutputs out = allocate_stats_outputs(tensors);
+  if (out.norms.scalar_type() == at::kDouble) {
+    write_outputs<double>(per_tensor, all, spec, policy, max_norm, out);
+  } else {
+    write_outputs<float>(per_tensor, all, spec, policy, max_norm, out);
+  }
+  return {out.total_norm, out.clip_coef, out.norms, out.counts};
+}
+
+void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
+               const std::optional<at::Tensor>& zero_nonfinite) {
+  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
+  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef_tensor, zero_nonfinite);
+  const double coef = coef_tensor.item<double>();
+  const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as in torch
+  const at::Tensor nonfinite_counts = counts ? counts->contiguous() : at::Tensor();
+  const int64_t* nonfinite = counts ? nonfinite_counts.data_ptr<int64_t>() : nullptr;
+
+  // Only the tensors that change are visited: none at all when nothing is clipped or zeroed.
+  Plan plan;
+  std::vector<bool> zeroes;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const bool zero = nonfinite != nullptr && nonfinite[i] > 0;
+    if (!clips && !zero) continue;
+    plan.sources.push_back(make_source(tensors[i], static_cast<int64_t>(i), "scale_"));
+    zeroes.push_back(zero);
+    add_pieces(plan, static_cast<int64_t>(plan.sources.size()) - 1);
+  }
+  const double factor = clips ? coef : 1.0;
+  for_each_piece(plan, [&](int64_t i) {
+    const Piece& piece = plan.pieces[i];
+    const Source& src = plan.sources[piece.tensor];
+    const bool zero = zeroes[piece.tensor];
+    dispatch_dtype(src.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      T* base = reinterpret_cast<T*>(src.data);
+      for_each_row(src.layout, piece.begin, piece.end, [&](int64_t off, int64_t n, int64_t stride) {
+        scale_row(base + off, n, stride, factor, zero);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
+  m.impl("stats", &stats_cpu);
+  m.impl("scale_", &scale_cpu);
+}
+
+}  // namespace gradstats::cpu

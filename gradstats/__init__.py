@@ -1,0 +1,25 @@
+"""gradstats: fused gradient statistics and clipping for PyTorch.
+
+One pass over every gradient gives the global and per-tensor norms, the NaN/Inf counts and the clip
+coefficient; a second, in-place pass clips, and skips itself on the device when nothing needs it.
+"""
+
+from gradstats._build import BuildError
+from gradstats._version import __version__
+from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from gradstats.ops import BUILD_INFO, kernel_devices
+from gradstats.stats import GradStats, count_nonfinite, grad_stats
+
+__all__ = [
+    "BUILD_INFO",
+    "BuildError",
+    "GradStats",
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "count_nonfinite",
+    "get_total_norm",
+    "grad_stats",
+    "kernel_devices",
+]

@@ -1,0 +1,90 @@
+"""Python face of the native ops (torch.ops.gradstats.*) and their fake implementations.
+
+The fakes describe the outputs' shapes and dtypes without computing anything, which is what lets
+the ops run under torch.compile, FakeTensor tracing and CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gradstats._build import load_library
+
+_C, BUILD_INFO = load_library()
+
+OP_NAMES = ("stats", "scale_")
+POLICIES = ("propagate", "skip", "zero")
+_SUPPORTED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def stats(
+    tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str = "propagate"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass over tensors of one device.
+
+    Returns (total_norm, clip_coef, norms, counts): 0-dim, 0-dim, [n] in float32 (float64 if any
+    input is float64), and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with
+    the totals in the last column.
+    """
+    return torch.ops.gradstats.stats(list(tensors), float(norm_type), float(max_norm), on_nonfinite)
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, zero_nonfinite: Tensor | None = None) -> None:
+    """tensors *= coef in place (nothing touched when coef >= 1); optionally zeroes NaN/Inf
+    elements of the tensors whose count in zero_nonfinite is positive."""
+    torch.ops.gradstats.scale_(list(tensors), coef, zero_nonfinite)
+
+
+def kernel_devices() -> dict[str, list[str]]:
+    """For each op, the dispatch keys (CPU, CUDA) that have a kernel registered."""
+    return {
+        name: [
+            key
+            for key in ("CPU", "CUDA")
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"gradstats::{name}", key)
+        ]
+        for name in OP_NAMES
+    }
+
+
+def _real_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+@torch.library.register_fake("gradstats::stats")
+def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
+    torch._check(len(tensors) > 0, lambda: "gradstats.stats: expected at least one tensor")
+    torch._check(norm_type > 0, lambda: f"gradstats: norm_type must be > 0 or inf; got {norm_type}")
+    torch._check(on_nonfinite in POLICIES, lambda: f"on_nonfinite must be one of {POLICIES}")
+    for i, t in enumerate(tensors):
+        torch._check(
+            _real_dtype(t) in _SUPPORTED,
+            lambda i=i, t=t: f"gradstats.stats: tensor {i} has unsupported dtype {t.dtype}",
+        )
+        torch._check(
+            t.device == tensors[0].device,
+            lambda i=i, t=t: f"gradstats.stats: tensor {i} is on {t.device}, tensor 0 on "
+            f"{tensors[0].device}",
+        )
+    dtype = (
+        torch.float64
+        if any(_real_dtype(t) == torch.float64 for t in tensors)
+        else torch.float32
+    )
+    n = len(tensors)
+    like = tensors[0]
+    return (
+        like.new_empty((), dtype=dtype),
+        like.new_empty((), dtype=dtype),
+        like.new_empty((n,), dtype=dtype),
+        like.new_empty((3, n + 1), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("gradstats::scale_")
+def _scale_fake(tensors, coef, zero_nonfinite=None):
+    torch._check(len(tensors) > 0, lambda: "gradstats.scale_: expected at least one tensor")
+    torch._check(coef.numel() == 1, lambda: "gradstats.scale_: coef must hold one value")

@@ -1,0 +1,148 @@
+"""Build gradstats._C against the torch that is already installed.
+
+    pip install --no-build-isolation -e .
+
+Environment switches (all optional):
+  GRADSTATS_CUDA=auto|0|1      build the CUDA kernels: auto (default) when a CUDA build of torch and
+                               a CUDA toolkit (nvcc) are both present; never decided from an attached GPU
+  GRADSTATS_CUDA_ARCHS="8.0;9.0+PTX"
+                               GPU architectures to compile for (TORCH_CUDA_ARCH_LIST syntax)
+  GRADSTATS_CPU_ISA=auto|avx2|default
+                               SIMD level of the CPU kernels: auto (default) uses AVX2+FMA+F16C when the
+                               building machine has them; the import checks the running machine does too
+  GRADSTATS_DEBUG=1            -O0 -g, for debugging the kernels
+  GRADSTATS_PTXAS_VERBOSE=1    print register and spill counts of every CUDA kernel (-Xptxas -v)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"GRADSTATS_{name}", default).strip().lower()
+
+
+def _is_toolkit(path: str | None) -> bool:
+    if not path:
+        return False
+    root = Path(path)
+    has_nvcc = (root / "bin" / "nvcc").exists()
+    has_cudart = any(
+        (root / lib / "libcudart.so").exists()
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+    )
+    return has_nvcc and has_cudart
+
+
+def find_cuda_toolkit() -> str | None:
+    """The toolkit folder holding bin/nvcc and libcudart.
+
+    torch guesses CUDA_HOME as the parent of the first `nvcc` on PATH, which is wrong when that nvcc
+    is a wrapper outside the toolkit; check each candidate for the files the link actually needs.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True)]
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def cpu_has_avx2() -> bool:
+    spec = importlib.util.spec_from_file_location("_cpuinfo", ROOT / "gradstats" / "_cpuinfo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.has_avx2()
+
+
+def decide_cuda(torch_cuda: str | None) -> str | None:
+    """Returns the toolkit folder to build with, or None for a CPU-only build."""
+    mode = _env("CUDA", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"GRADSTATS_CUDA must be auto, 0 or 1; got {mode!r}")
+    if mode == "0":
+        return None
+    toolkit = find_cuda_toolkit()
+    if mode == "1" and (torch_cuda is None or toolkit is None):
+        raise SystemExit(
+            "GRADSTATS_CUDA=1 but "
+            + ("the installed torch is a CPU build" if torch_cuda is None else "no CUDA toolkit")
+            + " was found; install a CUDA build of torch and set CUDA_HOME to the toolkit folder"
+        )
+    return toolkit if torch_cuda is not None else None
+
+
+def decide_cpu_isa() -> str:
+    mode = _env("CPU_ISA", "auto")
+    if mode not in ("auto", "avx2", "default"):
+        raise SystemExit(f"GRADSTATS_CPU_ISA must be auto, avx2 or default; got {mode!r}")
+    if mode == "auto":
+        return "avx2" if cpu_has_avx2() else "default"
+    return mode
+
+
+def build_extension():
+    import torch
+
+    toolkit = decide_cuda(torch.version.cuda)
+    if toolkit:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = toolkit
+        os.environ.setdefault(
+            "TORCH_CUDA_ARCH_LIST", os.environ.get("GRADSTATS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        )
+    from torch.utils import cpp_extension
+
+    cpu_isa = decide_cpu_isa()
+    debug = _env("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    defines = [
+        f"-DGRADSTATS_TORCH_VERSION=\"{torch.__version__}\"",
+        f"-DGRADSTATS_CUDA_VERSION=\"{torch.version.cuda if toolkit else ''}\"",
+        f"-DGRADSTATS_CPU_ISA=\"{cpu_isa}\"",
+    ]
+    cxx = [*opt, "-fopenmp", "-Wall", "-Wno-psabi", *defines]
+    if cpu_isa == "avx2":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    kwargs = dict(
+        name="gradstats._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if toolkit:
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+        nvcc = [*opt, "-lineinfo", *defines, "-DGRADSTATS_WITH_CUDA"]
+        if _env("PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")
+        ext = cpp_extension.CUDAExtension(
+            extra_compile_args={"cxx": [*cxx, "-DGRADSTATS_WITH_CUDA"], "nvcc": nvcc}, **kwargs
+        )
+    else:
+        ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if toolkit else None,
+        "cuda_home": toolkit,
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if toolkit else None,
+        "cpu_isa": cpu_isa,
+        "debug": debug,
+    }
+    (ROOT / "gradstats" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext, build_ext = build_extension()
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
