@@ -1,0 +1,53 @@
+"""Shared test helpers: the devices to run on and per-dtype tolerances against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Every device test runs on the CPU and, marked "gpu", on CUDA (skipped at run time without one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+# Relative tolerance of a norm against the float64 oracle computed from the same input values.
+# The kernels accumulate in float64 (float32 lanes flushed to float64 every few terms), so even
+# 16-bit inputs give norms far more accurate than the inputs themselves.
+NORM_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-6,
+    torch.bfloat16: 1e-6,
+}
+
+# Relative tolerance of a clipped element against the float64 product (one rounding to the dtype).
+CLIP_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+# Relative tolerance of our total norm against torch.nn.utils' own (torch accumulates in the input
+# dtype, so its error, not ours, sets these).
+TORCH_NORM_RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 2e-2,
+}
+
+
+def assert_close_rel(actual: float, expected: float, rtol: float, what: str = "value") -> None:
+    """|actual - expected| <= rtol * |expected|, with NaN == NaN and Inf == Inf of the same sign."""
+    if expected != expected:
+        assert actual != actual, f"{what}: expected NaN, got {actual}"
+        return
+    if expected in (float("inf"), float("-inf")):
+        assert actual == expected, f"{what}: expected {expected}, got {actual}"
+        return
+    err = abs(actual - expected)
+    assert err <= rtol * abs(expected), (
+        f"{what}: {actual!r} vs oracle {expected!r}: relative error "
+        f"{err / abs(expected) if expected else err:.3g} > {rtol:g}"
+    )
