@@ -3,13 +3,15 @@
     pip install --no-build-isolation -e .
 
 Environment switches (all optional):
-  GRADSTATS_CUDA=auto|0|1      build the CUDA kernels: auto (default) when a CUDA build of torch and
-                               a CUDA toolkit (nvcc) are both present; never decided from an attached GPU
+  GRADSTATS_CUDA=auto|0|1      build the CUDA kernels: auto (default) when a CUDA build of torch
+                               and a CUDA toolkit (nvcc) are both present; never decided from an
+                               attached GPU
   GRADSTATS_CUDA_ARCHS="8.0;9.0+PTX"
                                GPU architectures to compile for (TORCH_CUDA_ARCH_LIST syntax)
   GRADSTATS_CPU_ISA=auto|avx2|default
-                               SIMD level of the CPU kernels: auto (default) uses AVX2+FMA+F16C when the
-                               building machine has them; the import checks the running machine does too
+                               SIMD level of the CPU kernels: auto (default) uses AVX2+FMA+F16C
+                               when the building machine has them; the import checks that the
+                               running machine has them too
   GRADSTATS_DEBUG=1            -O0 -g, for debugging the kernels
   GRADSTATS_PTXAS_VERBOSE=1    print register and spill counts of every CUDA kernel (-Xptxas -v)
 """
@@ -54,7 +56,10 @@ def find_cuda_toolkit() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True)]
+    candidates += [
+        "/usr/local/cuda",
+        *sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True),
+    ]
     return next((c for c in candidates if _is_toolkit(c)), None)
 
 
@@ -107,9 +112,9 @@ def build_extension():
     debug = _env("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = [
-        f"-DGRADSTATS_TORCH_VERSION=\"{torch.__version__}\"",
-        f"-DGRADSTATS_CUDA_VERSION=\"{torch.version.cuda if toolkit else ''}\"",
-        f"-DGRADSTATS_CPU_ISA=\"{cpu_isa}\"",
+        f'-DGRADSTATS_TORCH_VERSION="{torch.__version__}"',
+        f'-DGRADSTATS_CUDA_VERSION="{torch.version.cuda if toolkit else ""}"',
+        f'-DGRADSTATS_CPU_ISA="{cpu_isa}"',
     ]
     cxx = [*opt, "-fopenmp", "-Wall", "-Wno-psabi", *defines]
     if cpu_isa == "avx2":

@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <string>
 
@@ -20,7 +21,8 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), "gradstats.", op, ": tensor ", i, " is undefined (None)");
     TORCH_CHECK(t.layout() == c10::kStrided, "gradstats.", op, ": tensor ", i, " has layout ",
-                t.layout(), "; expected dense (strided) tensors. Sparse gradients are not "
+                t.layout(),
+                "; expected dense (strided) tensors. Sparse gradients are not "
                 "supported: pass .to_dense() or the values of the sparse tensor");
     TORCH_CHECK(t.device() == device, "gradstats.", op, ": tensor ", i, " is on ", t.device(),
                 " but tensor 0 is on ", device,
@@ -28,11 +30,11 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
     // The conjugate bit changes no norm, count or real scale factor: read the memory as it is.
     at::Tensor real = t.is_complex() ? at::view_as_real(t.is_conj() ? t.conj() : t) : t;
     const auto type = real.scalar_type();
-    TORCH_CHECK(type == at::kDouble || type == at::kFloat || type == at::kHalf ||
-                    type == at::kBFloat16,
-                "gradstats.", op, ": tensor ", i, " has dtype ", t.scalar_type(),
-                "; expected float64, float32, float16 or bfloat16 (complex64/complex128 are read "
-                "through their real view)");
+    TORCH_CHECK(
+        type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+        "gradstats.", op, ": tensor ", i, " has dtype ", t.scalar_type(),
+        "; expected float64, float32, float16 or bfloat16 (complex64/complex128 are read "
+        "through their real view)");
     if (write) {
       TORCH_CHECK(at::has_internal_overlap(real) != at::MemOverlap::Yes, "gradstats.", op,
                   ": tensor ", i, " (sizes ", real.sizes(), ", strides ", real.strides(),
@@ -103,11 +105,38 @@ std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensor
                   counts.size(0) == static_cast<int64_t>(tensors.size()),
               "gradstats.scale_: zero_nonfinite must be the per-tensor non-finite counts, int64 of "
               "shape [",
-              tensors.size(), "]; got dtype ", counts.scalar_type(), " and sizes ",
-              counts.sizes());
-  TORCH_CHECK(counts.device() == device, "gradstats.scale_: zero_nonfinite is on ",
-              counts.device(), " but the tensors are on ", device);
+              tensors.size(), "]; got dtype ", counts.scalar_type(), " and sizes ", counts.sizes());
+  TORCH_CHECK(counts.device() == device, "gradstats.scale_: zero_nonfinite is on ", counts.device(),
+              " but the tensors are on ", device);
   return counts;
 }
+
+namespace {
+
+// Sparse tensors dispatch to their own keys, where no kernel would otherwise exist: these kernels
+// run the common checks, which reject them with a message that says what to pass instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_sparse_stats(
+    at::TensorList tensors, double, double, c10::string_view) {
+  prepare_tensors(tensors, "stats", /*write=*/false);
+  TORCH_CHECK(false, "gradstats.stats: unsupported tensor layout");
+}
+
+void reject_sparse_scale(at::TensorList tensors, const at::Tensor&,
+                         const std::optional<at::Tensor>&) {
+  prepare_tensors(tensors, "scale_", /*write=*/true);
+  TORCH_CHECK(false, "gradstats.scale_: unsupported tensor layout");
+}
+
+void register_sparse_rejections(torch::Library& m) {
+  m.impl("stats", &reject_sparse_stats);
+  m.impl("scale_", &reject_sparse_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradstats, SparseCPU, m) { register_sparse_rejections(m); }
+TORCH_LIBRARY_IMPL(gradstats, SparseCUDA, m) { register_sparse_rejections(m); }
+TORCH_LIBRARY_IMPL(gradstats, SparseCsrCPU, m) { register_sparse_rejections(m); }
+TORCH_LIBRARY_IMPL(gradstats, SparseCsrCUDA, m) { register_sparse_rejections(m); }
 
 }  // namespace gradstats

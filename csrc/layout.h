@@ -1,7 +1,7 @@
 // How a kernel walks the elements of a (possibly non-contiguous) tensor: as rows of equally strided
-// elements. Dimensions of size 1 are dropped, the rest ordered by decreasing stride and merged where
-// memory allows, so a contiguous or permuted-dense tensor becomes a single row of stride 1 and a
-// sliced one becomes a few long rows. Plain C++, no torch dependency.
+// elements. Dimensions of size 1 are dropped, the rest ordered by decreasing stride and merged
+// where memory allows, so a contiguous or permuted-dense tensor becomes a single row of stride 1
+// and a sliced one becomes a few long rows. Plain C++, no torch dependency.
 #pragma once
 
 #include <algorithm>

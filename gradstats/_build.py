@@ -23,7 +23,7 @@ def _installed() -> str:
 
 
 def load_library() -> tuple[Any, dict[str, Any]]:
-    """Imports gradstats._C (which registers torch.ops.gradstats) and returns it with its build info."""
+    """Imports gradstats._C (registering torch.ops.gradstats); returns it and its build info."""
     if not _BUILD_INFO.exists():
         raise BuildError(f"gradstats is not built (no {_BUILD_INFO.name}); {_REBUILD}")
     built = json.loads(_BUILD_INFO.read_text())

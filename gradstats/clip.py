@@ -67,8 +67,11 @@ def raise_if_nonfinite(st: GradStats, tensors: list[Tensor], norm_type: float, n
 
 
 def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None = None) -> None:
-    """Scales the tensors by coef in place, one fused launch per device; with zero_counts (per-tensor
-    non-finite counts), the NaN/Inf elements of the tensors that hold any are set to 0."""
+    """Scales the tensors by coef in place, one fused launch per device.
+
+    With zero_counts (per-tensor non-finite counts), the NaN/Inf elements of the tensors that hold
+    any are set to 0.
+    """
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
@@ -146,7 +149,7 @@ def clip_grads_with_norm_(
 def clip_grad_value_(
     parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
 ) -> None:
-    """Clamps every gradient into [-clip_value, clip_value] in place (NaN stays NaN, as in torch)."""
+    """Clamps every gradient into [-clip_value, clip_value] in place (NaN stays NaN, as torch)."""
     del foreach
     value = float(clip_value)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}

@@ -54,25 +54,33 @@ def _real_dtype(t: Tensor) -> torch.dtype:
     return t.real.dtype if t.is_complex() else t.dtype
 
 
-@torch.library.register_fake("gradstats::stats")
-def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
-    torch._check(len(tensors) > 0, lambda: "gradstats.stats: expected at least one tensor")
-    torch._check(norm_type > 0, lambda: f"gradstats: norm_type must be > 0 or inf; got {norm_type}")
-    torch._check(on_nonfinite in POLICIES, lambda: f"on_nonfinite must be one of {POLICIES}")
+def _check_tensors(tensors, op: str) -> None:
+    """The fakes' share of the native argument checks (csrc/common.cpp), with the same messages."""
+    torch._check(len(tensors) > 0, lambda: f"gradstats.{op}: got an empty list of tensors")
     for i, t in enumerate(tensors):
         torch._check(
             _real_dtype(t) in _SUPPORTED,
-            lambda i=i, t=t: f"gradstats.stats: tensor {i} has unsupported dtype {t.dtype}",
+            lambda i=i, t=t: (
+                f"gradstats.{op}: tensor {i} has dtype {t.dtype}; expected float64, "
+                "float32, float16 or bfloat16"
+            ),
         )
         torch._check(
             t.device == tensors[0].device,
-            lambda i=i, t=t: f"gradstats.stats: tensor {i} is on {t.device}, tensor 0 on "
-            f"{tensors[0].device}",
+            lambda i=i, t=t: (
+                f"gradstats.{op}: tensor {i} is on {t.device} but tensor 0 is on "
+                f"{tensors[0].device}"
+            ),
         )
+
+
+@torch.library.register_fake("gradstats::stats")
+def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
+    _check_tensors(tensors, "stats")
+    torch._check(norm_type > 0, lambda: f"gradstats: norm_type must be > 0 or inf; got {norm_type}")
+    torch._check(on_nonfinite in POLICIES, lambda: f"on_nonfinite must be one of {POLICIES}")
     dtype = (
-        torch.float64
-        if any(_real_dtype(t) == torch.float64 for t in tensors)
-        else torch.float32
+        torch.float64 if any(_real_dtype(t) == torch.float64 for t in tensors) else torch.float32
     )
     n = len(tensors)
     like = tensors[0]
@@ -86,5 +94,14 @@ def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
 
 @torch.library.register_fake("gradstats::scale_")
 def _scale_fake(tensors, coef, zero_nonfinite=None):
-    torch._check(len(tensors) > 0, lambda: "gradstats.scale_: expected at least one tensor")
-    torch._check(coef.numel() == 1, lambda: "gradstats.scale_: coef must hold one value")
+    _check_tensors(tensors, "scale_")
+    torch._check(
+        coef.numel() == 1 and coef.is_floating_point(),
+        lambda: "gradstats.scale_: coef must hold one floating-point value",
+    )
+    torch._check(
+        coef.device == tensors[0].device,
+        lambda: (
+            f"gradstats.scale_: coef is on {coef.device} but the tensors are on {tensors[0].device}"
+        ),
+    )

@@ -1,4 +1,4 @@
-"""GradStats and grad_stats(): norms, NaN/Inf counts and the clip coefficient from one fused pass."""
+"""GradStats and grad_stats(): norms, NaN/Inf counts and clip coefficient from one fused pass."""
 
 from __future__ import annotations
 
@@ -145,8 +145,10 @@ def _combine_devices(tensors, by_device, norm_type, max_norm, on_nonfinite) -> G
         device: ops.stats([tensors[i] for i in idx], norm_type, max_norm, on_nonfinite)
         for device, idx in by_device.items()
     }
-    dtype = torch.float64 if any(r[0].dtype == torch.float64 for r in results.values()) else (
-        torch.float32
+    dtype = (
+        torch.float64
+        if any(r[0].dtype == torch.float64 for r in results.values())
+        else (torch.float32)
     )
     norms = torch.empty(n, dtype=dtype, device=first)
     counts = torch.zeros(3, n + 1, dtype=torch.int64, device=first)
@@ -203,8 +205,8 @@ def grad_stats(
 def count_nonfinite(tensors: TensorOrTensors) -> Tensor:
     """NaN + Inf counts of inputs, activations or losses, without a sync.
 
-    A single tensor gives a 0-dim int64 count; a list gives an int64 tensor with one count per tensor
-    (on the first tensor's device).
+    A single tensor gives a 0-dim int64 count; a list gives an int64 tensor with one count per
+    tensor (on the first tensor's device).
     """
     items = as_tensor_list(tensors)
     if not items:

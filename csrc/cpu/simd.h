@@ -110,8 +110,9 @@ double fast_row_sum(const T* p, int64_t n, NormKind kind) {
     total = kind == NormKind::kInf ? (std::isnan(block) || block > total ? block : total)
                                    : total + block;
   }
-  const NormSpec spec = make_norm_spec(kind == NormKind::kL1 ? 1.0 : kind == NormKind::kL2 ? 2.0
-                                                                                          : INFINITY);
+  const NormSpec spec = make_norm_spec(kind == NormKind::kL1   ? 1.0
+                                       : kind == NormKind::kL2 ? 2.0
+                                                               : INFINITY);
   for (int64_t i = full; i < n; ++i) {
     const double a = std::fabs(static_cast<double>(p[i]));
     total = kind == NormKind::kInf ? (std::isnan(a) || a > total ? a : total)

@@ -1,0 +1,170 @@
+"""Op registration (opcheck, fakes, kernels), build information and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICES
+
+import gradstats
+from gradstats import ops
+
+
+def sample_tensors(device):
+    return [
+        torch.randn(100, device=device),
+        torch.randn(7, 3, device=device, dtype=torch.float16).t(),
+        torch.randn(0, device=device, dtype=torch.bfloat16),
+        torch.randn(5, device=device, dtype=torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["propagate", "skip", "zero"])
+def test_opcheck_stats(device, policy):
+    torch.library.opcheck(
+        torch.ops.gradstats.stats.default, (sample_tensors(device), 2.0, 1.0, policy)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_opcheck_scale_(device, with_counts):
+    tensors = sample_tensors(device)
+    counts = torch.tensor([0, 1, 0, 2], device=device) if with_counts else None
+    torch.library.opcheck(
+        torch.ops.gradstats.scale_.default, (tensors, torch.tensor(0.5, device=device), counts)
+    )
+
+
+def test_fake_stats_describes_the_outputs():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        tensors = [torch.empty(10, dtype=torch.bfloat16), torch.empty(3, 4)]
+        total, coef, norms, counts = ops.stats(tensors, 2.0, 1.0, "propagate")
+    assert (total.shape, coef.shape, norms.shape, counts.shape) == ((), (), (2,), (3, 3))
+    assert norms.dtype == torch.float32 and counts.dtype == torch.int64
+
+
+def test_every_op_has_a_cpu_kernel_and_a_cuda_kernel_when_built_with_cuda():
+    kernels = gradstats.kernel_devices()
+    assert set(kernels) == set(ops.OP_NAMES)
+    for name, keys in kernels.items():
+        assert "CPU" in keys, name
+        assert ("CUDA" in keys) == bool(gradstats.BUILD_INFO["cuda"]), (name, keys)
+
+
+def test_build_info_matches_the_installed_torch():
+    info = gradstats._C.build_info()
+    assert info["torch"] == torch.__version__ == gradstats.BUILD_INFO["torch"]
+    assert info["with_cuda"] == bool(gradstats.BUILD_INFO["cuda"])
+
+
+def test_import_refuses_a_build_made_for_another_torch(tmp_path, monkeypatch):
+    from gradstats import _build
+
+    info = json.loads(_build._BUILD_INFO.read_text())
+    info["torch"] = "1.0.0+old"
+    fake = tmp_path / "_build_info.json"
+    fake.write_text(json.dumps(info))
+    monkeypatch.setattr(_build, "_BUILD_INFO", fake)
+    with pytest.raises(gradstats.BuildError, match=r"built for torch 1\.0\.0\+old.*installed"):
+        _build.load_library()
+
+
+def test_info_command_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "gradstats", "info"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert torch.__version__ in out.stdout and "stats" in out.stdout
+
+
+# --- bad inputs: each must raise a clear error and change nothing ---
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_tensors_are_rejected(device, dtype):
+    bad = torch.ones(4, device=device, dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"tensor 1 has dtype .*expected float64, float32"):
+        ops.stats([torch.randn(3, device=device), bad], 2.0, 1.0, "propagate")
+    with pytest.raises(RuntimeError, match="expected float64"):
+        gradstats.get_total_norm([bad])
+
+
+def test_sparse_tensors_are_rejected():
+    sparse = torch.eye(4).to_sparse()
+    with pytest.raises(RuntimeError, match=r"layout .*expected dense"):
+        ops.stats([sparse], 2.0, 1.0, "propagate")
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = sparse
+    with pytest.raises(RuntimeError, match="Sparse gradients are not supported"):
+        gradstats.clip_grad_norm_([p], 1.0)
+
+
+def test_tensors_of_several_devices_in_one_op_call_are_rejected():
+    with pytest.raises(RuntimeError, match="tensor 1 is on meta but tensor 0 is on cpu"):
+        ops.stats([torch.randn(3), torch.empty(3, device="meta")], 2.0, 1.0, "propagate")
+
+
+def test_empty_op_call_is_rejected_and_api_returns_zero():
+    with pytest.raises(RuntimeError, match="empty list"):
+        ops.stats([], 2.0, 1.0, "propagate")
+    assert gradstats.get_total_norm([]).item() == 0.0
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -1.0, float("-inf"), float("nan")])
+def test_bad_norm_types(norm_type):
+    with pytest.raises(ValueError, match="norm_type must be > 0 or inf"):
+        gradstats.get_total_norm([torch.randn(3)], norm_type)
+    with pytest.raises(RuntimeError, match="norm_type must be > 0"):
+        ops.stats([torch.randn(3)], norm_type, 1.0, "propagate")
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, float("nan")])
+def test_bad_max_norm_changes_nothing(max_norm):
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    before = p.grad.clone()
+    with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
+        gradstats.clip_grad_norm_([p], max_norm)
+    assert torch.equal(p.grad, before)
+
+
+def test_bad_on_nonfinite():
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        gradstats.clip_grad_norm_([p], 1.0, on_nonfinite="ignore")
+    with pytest.raises(RuntimeError, match="on_nonfinite must be 'propagate', 'skip' or 'zero'"):
+        ops.stats([p.grad], 2.0, 1.0, "error")
+
+
+def test_scale_rejects_bad_coefficients_and_overlapping_memory():
+    x = torch.randn(10)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="coef must hold one floating-point value"):
+        ops.scale_([x], torch.tensor([0.5, 0.5]))
+    with pytest.raises(RuntimeError, match="coef must hold one floating-point value"):
+        ops.scale_([x], torch.tensor(1))
+    with pytest.raises(RuntimeError, match="coef is on meta"):
+        ops.scale_([x], torch.tensor(0.5, device="meta"))
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.scale_([torch.randn(3, 1).expand(3, 4)], torch.tensor(0.5))
+    with pytest.raises(RuntimeError, match=r"zero_nonfinite must be the per-tensor non-finite"):
+        ops.scale_([x], torch.tensor(0.5), torch.tensor([1, 2]))
+    assert torch.equal(x, before)
+
+
+def test_a_rejected_tensor_later_in_the_list_leaves_earlier_ones_unscaled():
+    good = torch.randn(10)
+    before = good.clone()
+    with pytest.raises(RuntimeError, match="tensor 1 has dtype"):
+        ops.scale_([good, torch.ones(3, dtype=torch.int64)], torch.tensor(0.5))
+    assert torch.equal(good, before)
