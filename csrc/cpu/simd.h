@@ -52,39 +52,79 @@ inline void store_group(T* p, const Vec<T>& a, const Vec<T>& b) {
   }
 }
 
-// Accumulators are flushed into a double after this many groups. For float lanes that bounds each
-// lane's float sum to kFlushGroups * 2 / kAccs = 8 terms, so its relative rounding error stays
-// below 1e-6 however long the row is; the double total carries the rest.
-constexpr int64_t kFlushGroups = 16;
-constexpr int kAccs = 4;
+// Independent accumulators, so that consecutive loads do not wait on one another's add.
+constexpr int kAccs = 8;
+// Groups between flushes of the accumulators into per-lane double totals. For float lanes that
+// bounds each lane's float sum to kFlushGroups * 2 / kAccs = 8 terms (plus three adds combining
+// the accumulators), so its relative rounding error stays below 1e-6 however long the row is.
+constexpr int64_t kFlushGroups = 32;
 
 // A float-lane sum below this may have lost tiny terms to underflow (each float operation errs by
 // at most 2^-150 absolute, a row has at most 2^16 elements): such rows are recomputed in double
 // unless they hold only zeros.
 constexpr double kUnderflowGuard = 0x1p-100;
 
-template <typename V>
-inline V add_term(NormKind kind, const V& acc, const V& x) {
-  switch (kind) {
-    case NormKind::kL2:
-      return at::vec::fmadd(x, x, acc);
-    case NormKind::kL1:
-      return acc + x.abs();
-    default:
-      return at::vec::maximum(acc, x.abs());  // propagates NaN, as the caller relies on
+// Combines two partial results of norm kind K: sum, or max that propagates NaN (the caller relies
+// on a NaN or Inf element making the result non-finite).
+template <NormKind K, typename V>
+inline V merge(const V& a, const V& b) {
+  if constexpr (K == NormKind::kInf) {
+    return at::vec::maximum(a, b);
+  } else {
+    return a + b;
   }
 }
 
-template <typename V>
-inline double flush(NormKind kind, const V (&acc)[kAccs]) {
-  using S = typename V::value_type;
-  alignas(64) S lanes[kAccs * V::size()];
-  for (int k = 0; k < kAccs; ++k) acc[k].store(lanes + k * V::size());
-  double r = 0.0;
-  for (S v : lanes) {
-    r = kind == NormKind::kInf ? (std::isnan(v) || v > r ? double(v) : r) : r + double(v);
+template <NormKind K>
+inline double merge(double a, double b) {
+  if constexpr (K == NormKind::kInf) {
+    return std::isnan(a) || a > b ? a : b;
+  } else {
+    return a + b;
   }
-  return r;
+}
+
+template <NormKind K, typename V>
+inline V add_term(const V& acc, const V& x) {
+  if constexpr (K == NormKind::kL2) {
+    return at::vec::fmadd(x, x, acc);
+  } else {
+    return merge<K>(acc, x.abs());
+  }
+}
+
+template <NormKind K, typename T>
+double fast_row_sum(const T* p, int64_t n) {
+  using V = Vec<T>;
+  using S = opmath_t<T>;
+  constexpr int64_t kBlock = kGroup<T> * kFlushGroups;
+  constexpr int kLanes = V::size();
+  double totals[kLanes] = {};  // per-lane double totals: independent adds, combined at the end
+  const int64_t full = n - n % kBlock;
+  for (int64_t i = 0; i < full; i += kBlock) {
+    V acc[kAccs];
+    for (V& a : acc) a = V(S(0));
+    for (int64_t g = 0; g < kFlushGroups; ++g) {
+      V a, b;
+      load_group(p + i + g * kGroup<T>, a, b);
+      const int k = static_cast<int>(2 * g) % kAccs;
+      acc[k] = add_term<K>(acc[k], a);
+      acc[k + 1] = add_term<K>(acc[k + 1], b);
+    }
+    for (int width = kAccs / 2; width > 0; width /= 2) {
+      for (int k = 0; k < width; ++k) acc[k] = merge<K>(acc[k], acc[k + width]);
+    }
+    alignas(64) S lanes[kLanes];
+    acc[0].store(lanes);
+    for (int j = 0; j < kLanes; ++j) totals[j] = merge<K>(static_cast<double>(lanes[j]), totals[j]);
+  }
+  double total = 0.0;
+  for (double t : totals) total = merge<K>(t, total);
+  for (int64_t i = full; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(p[i]));
+    total = merge<K>(K == NormKind::kL2 ? a * a : a, total);
+  }
+  return total;
 }
 
 // Sum of |x|^p (max |x| for inf) over a contiguous row, for p = 1, 2 or inf, with no masking: the
@@ -93,32 +133,14 @@ inline double flush(NormKind kind, const V (&acc)[kAccs]) {
 // to underflow; the caller checks for that too (kUnderflowGuard).
 template <typename T>
 double fast_row_sum(const T* p, int64_t n, NormKind kind) {
-  using V = Vec<T>;
-  const int64_t full = n - n % (kGroup<T> * kFlushGroups);
-  double total = 0.0;
-  V zero(0);
-  for (int64_t i = 0; i < full; i += kGroup<T> * kFlushGroups) {
-    V acc[kAccs] = {zero, zero, zero, zero};
-    for (int64_t g = 0; g < kFlushGroups; ++g) {
-      V a, b;
-      load_group(p + i + g * kGroup<T>, a, b);
-      const int k = static_cast<int>(2 * g) % kAccs;
-      acc[k] = add_term(kind, acc[k], a);
-      acc[k + 1] = add_term(kind, acc[k + 1], b);
-    }
-    const double block = flush(kind, acc);
-    total = kind == NormKind::kInf ? (std::isnan(block) || block > total ? block : total)
-                                   : total + block;
+  switch (kind) {
+    case NormKind::kL2:
+      return fast_row_sum<NormKind::kL2>(p, n);
+    case NormKind::kL1:
+      return fast_row_sum<NormKind::kL1>(p, n);
+    default:
+      return fast_row_sum<NormKind::kInf>(p, n);
   }
-  const NormSpec spec = make_norm_spec(kind == NormKind::kL1   ? 1.0
-                                       : kind == NormKind::kL2 ? 2.0
-                                                               : INFINITY);
-  for (int64_t i = full; i < n; ++i) {
-    const double a = std::fabs(static_cast<double>(p[i]));
-    total = kind == NormKind::kInf ? (std::isnan(a) || a > total ? a : total)
-                                   : total + pow_term(a, spec);
-  }
-  return total;
 }
 
 // x <- x * coef in place over a row of n elements stride apart, in opmath precision; with
