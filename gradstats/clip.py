@@ -72,14 +72,22 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
     With zero_counts (per-tensor non-finite counts), the NaN/Inf elements of the tensors that hold
     any are set to 0.
     """
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for device, idx in by_device.items():
+    groups = ops.device_groups(tensors)
+    if len(groups) == 1 and zero_counts is None and _nothing_to_clip_on_cpu(coef):
+        return
+    for idx in groups:
+        device = tensors[idx[0]].device
         counts = zero_counts
-        if counts is not None and len(by_device) > 1:
+        if counts is not None and len(groups) > 1:
             counts = counts[torch.tensor(idx, device=counts.device)].to(device)
         ops.scale_([tensors[i] for i in idx], coef.to(device, non_blocking=True), counts)
+
+
+def _nothing_to_clip_on_cpu(coef: Tensor) -> bool:
+    """On the CPU the host reads the coefficient for free (no device to wait for), and skipping the
+    call saves passing every tensor to an op that would return at once. Elsewhere the scale kernel
+    decides on the device."""
+    return coef.device.type == "cpu" and not torch.compiler.is_compiling() and coef.item() >= 1.0
 
 
 def clip_grad_norm_(

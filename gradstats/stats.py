@@ -100,7 +100,7 @@ def as_tensor_list(tensors: TensorOrTensors) -> list[Tensor]:
 
 def collect_grads(parameters: TensorOrTensors) -> list[Tensor]:
     """The .grad of each parameter that has one, as torch.nn.utils does."""
-    return [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    return ops.collect_grads(as_tensor_list(parameters))
 
 
 def _grad_or_self(t: Tensor) -> Tensor | None:
@@ -129,32 +129,25 @@ def compute(
     tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str
 ) -> GradStats:
     """Runs the fused op once per device and combines the devices (a single call for one device)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) == 1:
+    groups = ops.device_groups(tensors)
+    if len(groups) == 1:
         total, coef, norms, counts = ops.stats(tensors, norm_type, max_norm, on_nonfinite)
         return GradStats(total, coef, norms, counts, norm_type)
-    return _combine_devices(tensors, by_device, norm_type, max_norm, on_nonfinite)
+    return _combine_devices(tensors, groups, norm_type, max_norm, on_nonfinite)
 
 
-def _combine_devices(tensors, by_device, norm_type, max_norm, on_nonfinite) -> GradStats:
-    first = next(iter(by_device))
+def _combine_devices(tensors, groups, norm_type, max_norm, on_nonfinite) -> GradStats:
+    results = [
+        ops.stats([tensors[i] for i in idx], norm_type, max_norm, on_nonfinite) for idx in groups
+    ]
+    first = results[0][0].device
     n = len(tensors)
-    results = {
-        device: ops.stats([tensors[i] for i in idx], norm_type, max_norm, on_nonfinite)
-        for device, idx in by_device.items()
-    }
-    dtype = (
-        torch.float64
-        if any(r[0].dtype == torch.float64 for r in results.values())
-        else (torch.float32)
-    )
+    wide = any(r[0].dtype == torch.float64 for r in results)
+    dtype = torch.float64 if wide else torch.float32
     norms = torch.empty(n, dtype=dtype, device=first)
     counts = torch.zeros(3, n + 1, dtype=torch.int64, device=first)
     device_totals = []
-    for device, idx in by_device.items():
-        total, _, dev_norms, dev_counts = results[device]
+    for idx, (total, _, dev_norms, dev_counts) in zip(groups, results):
         index = torch.tensor(idx, device=first)
         norms[index] = dev_norms.to(first, dtype)
         counts[:, index] = dev_counts[:, :-1].to(first)
