@@ -84,7 +84,7 @@ GS_HD double exp_factor(int32_t k, NormSpec spec) {
 
 // Moves powers of two from a (finite) sum into its exponent until the sum is below kRescaleAbove.
 GS_HD void rescale(double& sum, int32_t& exp, NormSpec spec) {
-  if (spec.kind == NormKind::kInf) return;
+  if (spec.kind == NormKind::kInf || !(sum > kRescaleAbove)) return;
   const int32_t step = static_cast<int32_t>(ceil(kRescaleBits / spec.p));
   while (sum > kRescaleAbove && sum <= std::numeric_limits<double>::max()) {
     sum *= exp_factor(-step, spec);

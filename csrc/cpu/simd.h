@@ -93,6 +93,19 @@ inline V add_term(const V& acc, const V& x) {
   }
 }
 
+// Combines the accumulators pairwise and adds their lanes to the per-lane double totals.
+template <NormKind K, int N, typename V, int L>
+inline void flush(V (&acc)[N], double (&totals)[L]) {
+  using S = typename V::value_type;
+  for (int width = N / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] = merge<K>(acc[k], acc[k + width]);
+  }
+  alignas(64) S lanes[L];
+  acc[0].store(lanes);
+  for (int j = 0; j < L; ++j) totals[j] = merge<K>(static_cast<double>(lanes[j]), totals[j]);
+  for (V& a : acc) a = V(S(0));
+}
+
 template <NormKind K, typename T>
 double fast_row_sum(const T* p, int64_t n) {
   using V = Vec<T>;
@@ -100,10 +113,10 @@ double fast_row_sum(const T* p, int64_t n) {
   constexpr int64_t kBlock = kGroup<T> * kFlushGroups;
   constexpr int kLanes = V::size();
   double totals[kLanes] = {};  // per-lane double totals: independent adds, combined at the end
-  const int64_t full = n - n % kBlock;
-  for (int64_t i = 0; i < full; i += kBlock) {
-    V acc[kAccs];
-    for (V& a : acc) a = V(S(0));
+  V acc[kAccs];
+  for (V& a : acc) a = V(S(0));
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
     for (int64_t g = 0; g < kFlushGroups; ++g) {
       V a, b;
       load_group(p + i + g * kGroup<T>, a, b);
@@ -111,16 +124,19 @@ double fast_row_sum(const T* p, int64_t n) {
       acc[k] = add_term<K>(acc[k], a);
       acc[k + 1] = add_term<K>(acc[k + 1], b);
     }
-    for (int width = kAccs / 2; width > 0; width /= 2) {
-      for (int k = 0; k < width; ++k) acc[k] = merge<K>(acc[k], acc[k + width]);
-    }
-    alignas(64) S lanes[kLanes];
-    acc[0].store(lanes);
-    for (int j = 0; j < kLanes; ++j) totals[j] = merge<K>(static_cast<double>(lanes[j]), totals[j]);
+    flush<K>(acc, totals);
   }
+  // The rest of the row: fewer than kFlushGroups groups, spread over the accumulators the same way.
+  for (int k = 0; i + kGroup<T> <= n; i += kGroup<T>, k = (k + 2) % kAccs) {
+    V a, b;
+    load_group(p + i, a, b);
+    acc[k] = add_term<K>(acc[k], a);
+    acc[k + 1] = add_term<K>(acc[k + 1], b);
+  }
+  flush<K>(acc, totals);
   double total = 0.0;
   for (double t : totals) total = merge<K>(t, total);
-  for (int64_t i = full; i < n; ++i) {
+  for (; i < n; ++i) {
     const double a = std::fabs(static_cast<double>(p[i]));
     total = merge<K>(K == NormKind::kL2 ? a * a : a, total);
   }

@@ -24,11 +24,15 @@ constexpr int64_t kChunkElems = int64_t{1} << 16;
 // Below this many elements in a call, waking threads costs more than it saves.
 constexpr int64_t kSerialBelowElems = int64_t{1} << 15;
 
+// Where a tensor's elements are: one contiguous range (contiguous, or permuted but dense: norms
+// and counts do not depend on the order the elements are visited in), or rows (layout.h).
+constexpr int32_t kFlat = -1;
+
 struct Source {
   char* data;  // the tensor's first element
-  int64_t itemsize;
+  int64_t numel;
   DType dtype;
-  Layout layout;
+  int32_t layout;  // kFlat, or an index into Plan::layouts
 };
 
 struct Piece {
@@ -39,27 +43,36 @@ struct Piece {
 
 struct Plan {
   std::vector<Source> sources;
+  std::vector<Layout> layouts;  // of the tensors that are not flat
   std::vector<Piece> pieces;
   std::vector<int64_t> piece_start;  // elements before each piece, over all pieces
   int64_t total_elems = 0;
+
+  // Calls f(offset, length, stride) for the rows holding elements [begin, end) of a source.
+  template <typename F>
+  void for_each_row(const Source& src, const Piece& piece, F&& f) const {
+    if (src.layout == kFlat) return f(piece.begin, piece.end - piece.begin, int64_t{1});
+    gradstats::for_each_row(layouts[src.layout], piece.begin, piece.end, f);
+  }
 };
 
-Source make_source(const at::Tensor& t, int64_t index, const char* op) {
-  Source s{static_cast<char*>(t.data_ptr()), static_cast<int64_t>(t.element_size()),
-           dtype_tag(t.scalar_type()), Layout{}};
-  TORCH_CHECK(
-      make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()), s.layout),
-      "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
-      " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
-      "); pass a contiguous tensor");
-  return s;
-}
-
-void add_pieces(Plan& plan, int64_t tensor) {
-  const int64_t n = plan.sources[tensor].layout.numel;
-  for (int64_t begin = 0; begin < n; begin += kChunkElems) {
+void add_source(Plan& plan, const at::Tensor& t, int64_t index, const char* op) {
+  Source s{static_cast<char*>(t.data_ptr()), t.numel(), dtype_tag(t.scalar_type()), kFlat};
+  if (!t.is_non_overlapping_and_dense()) {
+    Layout layout;
+    TORCH_CHECK(
+        make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()), layout),
+        "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
+        " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
+        "); pass a contiguous tensor");
+    s.layout = static_cast<int32_t>(plan.layouts.size());
+    plan.layouts.push_back(layout);
+  }
+  const auto tensor = static_cast<int64_t>(plan.sources.size());
+  plan.sources.push_back(s);
+  for (int64_t begin = 0; begin < s.numel; begin += kChunkElems) {
     plan.piece_start.push_back(plan.total_elems);
-    plan.pieces.push_back(Piece{tensor, begin, std::min(n, begin + kChunkElems)});
+    plan.pieces.push_back(Piece{tensor, begin, std::min(s.numel, begin + kChunkElems)});
     plan.total_elems += plan.pieces.back().end - begin;
   }
 }
@@ -119,12 +132,13 @@ Partial row_partial(const T* p, int64_t n, int64_t stride, NormSpec spec) {
   return r;
 }
 
-Partial piece_partial(const Source& src, const Piece& piece, NormSpec spec) {
+Partial piece_partial(const Plan& plan, const Piece& piece, NormSpec spec) {
+  const Source& src = plan.sources[piece.tensor];
   Partial acc = empty_partial();
   dispatch_dtype(src.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* base = reinterpret_cast<const T*>(src.data);
-    for_each_row(src.layout, piece.begin, piece.end, [&](int64_t off, int64_t n, int64_t stride) {
+    plan.for_each_row(src, piece, [&](int64_t off, int64_t n, int64_t stride) {
       combine(acc, row_partial(base + off, n, stride, spec), spec);
     });
   });
@@ -134,9 +148,10 @@ Partial piece_partial(const Source& src, const Piece& piece, NormSpec spec) {
 Plan make_plan(const std::vector<at::Tensor>& tensors, const char* op) {
   Plan plan;
   plan.sources.reserve(tensors.size());
+  plan.pieces.reserve(tensors.size());
+  plan.piece_start.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
-    plan.sources.push_back(make_source(tensors[i], static_cast<int64_t>(i), op));
-    add_pieces(plan, static_cast<int64_t>(i));
+    add_source(plan, tensors[i], static_cast<int64_t>(i), op);
   }
   return plan;
 }
@@ -172,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(
   std::vector<Partial> partials(plan.pieces.size());
   for_each_piece(plan, [&](int64_t i) {
     const Piece& piece = plan.pieces[i];
-    partials[i] = piece_partial(plan.sources[piece.tensor], piece, spec);
+    partials[i] = piece_partial(plan, piece, spec);
   });
 
   std::vector<Partial> per_tensor(tensors.size(), empty_partial());
@@ -206,9 +221,8 @@ void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
   for (size_t i = 0; i < tensors.size(); ++i) {
     const bool zero = nonfinite != nullptr && nonfinite[i] > 0;
     if (!clips && !zero) continue;
-    plan.sources.push_back(make_source(tensors[i], static_cast<int64_t>(i), "scale_"));
+    add_source(plan, tensors[i], static_cast<int64_t>(i), "scale_");
     zeroes.push_back(zero);
-    add_pieces(plan, static_cast<int64_t>(plan.sources.size()) - 1);
   }
   const double factor = clips ? coef : 1.0;
   for_each_piece(plan, [&](int64_t i) {
@@ -218,7 +232,7 @@ void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
     dispatch_dtype(src.dtype, [&](auto tag) {
       using T = decltype(tag);
       T* base = reinterpret_cast<T*>(src.data);
-      for_each_row(src.layout, piece.begin, piece.end, [&](int64_t off, int64_t n, int64_t stride) {
+      plan.for_each_row(src, piece, [&](int64_t off, int64_t n, int64_t stride) {
         scale_row(base + off, n, stride, factor, zero);
       });
     });
