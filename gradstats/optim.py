@@ -204,6 +204,25 @@ class AdaptiveClip:
         return state
 
 
+@torch.compiler.disable
+def _step_with_grad_scale(
+    optimizer: Optimizer, grad_scale: Tensor, found_inf: Tensor | None
+) -> None:
+    """optimizer.step() with the grad_scale/found_inf attributes that fused optimizers read.
+
+    Kept out of torch.compile graphs: dynamo (torch 2.14) inlines the inner step without the
+    attributes set in the same compiled region (the step then neither clips nor skips), and fails
+    on deleting them. The fused step is one kernel launch per device, so nothing is lost.
+    """
+    optimizer.grad_scale = grad_scale
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+        del optimizer.found_inf
+
+
 class ClipGradOptimizer(Optimizer):
     """Wraps an optimizer so that step() clips the gradient norm and handles NaN/Inf gradients.
 
@@ -505,14 +524,9 @@ class ClipGradOptimizer(Optimizer):
             grad_scale = torch.reciprocal(coef)
         else:
             grad_scale = loss_scale.to(coef.device, torch.float32) / coef
-        inner = self.optimizer
-        inner.grad_scale = grad_scale
-        inner.found_inf = None if found is None else found.to(torch.float32)
-        try:
-            inner.step()
-        finally:
-            del inner.grad_scale
-            del inner.found_inf
+        _step_with_grad_scale(
+            self.optimizer, grad_scale, None if found is None else found.to(torch.float32)
+        )
         if found is None:
             self._fused_ready = True
 
