@@ -552,14 +552,21 @@ class ClipGradOptimizer(Optimizer):
         plus max_norm (the threshold used), skipped (this step), skipped_steps and
         consecutive_nonfinite.
         """
-        counters = torch.stack([self._skipped, self._consecutive]).tolist()
-        out: dict[str, Any] = {"skipped_steps": counters[0], "consecutive_nonfinite": counters[1]}
+        device = self._skipped.device
+        # float64 holds every counter and the threshold exactly: one copy to the host for them all.
+        values = [self._skipped, self._consecutive, self._last_skipped]
+        values.append(torch.as_tensor(self._last_threshold, device=device))
+        skipped_steps, run, skipped, threshold = torch.stack(
+            [v.to(device, torch.float64) for v in values]
+        ).tolist()
+        out: dict[str, Any] = {
+            "skipped_steps": int(skipped_steps),
+            "consecutive_nonfinite": int(run),
+        }
         if self.last_stats is None:
             return out
         logged = self.last_stats.to_dict(self._param_names(self._last_params))
-        logged["max_norm"] = float(self._last_threshold)
-        logged["skipped"] = bool(self._last_skipped)
-        return {**logged, **out}
+        return {**logged, "max_norm": threshold, "skipped": bool(skipped), **out}
 
     def _wrapper_state(self) -> dict[str, Any]:
         return {
