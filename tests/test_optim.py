@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -792,6 +793,61 @@ def test_compiled_train_step(opt_name):
         compiled(model, opt, x, y, poison)
     assert int(opt.skipped_steps) == int(eager_opt.skipped_steps) == 1
     assert_same_training(model, opt, eager_model, eager_opt, exact=False)
+
+
+# --- host reads: which paths synchronise ----------------------------------------------------------
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Counts the tensor-to-Python reads (the calls that synchronise on a GPU) made by gradstats'
+    own code; the wrapped optimizer's reads are torch's business and not counted."""
+    counter = {"reads": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if "gradstats" in sys._getframe(1).f_code.co_filename:
+                counter["reads"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return counter
+
+
+@pytest.mark.parametrize(
+    ("opt_name", "policy", "reads_first", "reads_later"),
+    [
+        ("adamw-fused", "skip", 1, 0),
+        ("sgd-momentum-fused", "skip", 1, 0),
+        ("adamw-fused", "zero", 0, 0),
+        ("adamw-foreach", "skip", 1, 1),
+        ("sgd-momentum-forloop", "skip", 1, 1),
+        ("adamw-foreach", "zero", 0, 0),
+        ("adamw-foreach", "propagate", 0, 0),
+        ("adamw-fused", "error", 1, 1),
+    ],
+)
+def test_host_reads_per_path(count_host_reads, opt_name, policy, reads_first, reads_later):
+    model = make_model("cpu")
+    opt = gradstats.ClipGradOptimizer(
+        OPTIMIZERS[opt_name](model.parameters()), MAX_NORM, on_nonfinite=policy
+    )
+    poison = math.nan if policy != "error" else None
+    reads = []
+    for i, batch in enumerate(make_batches("cpu", steps=CLIP_EVERY * 2)):
+        opt.zero_grad()
+        backward(model, batch, poison if i == CLIP_EVERY else None)
+        count_host_reads["reads"] = 0
+        opt.step()
+        reads.append(count_host_reads["reads"])
+    assert reads == [reads_first] + [reads_later] * (len(reads) - 1)
 
 
 # --- bad input -----------------------------------------------------------------------------------
