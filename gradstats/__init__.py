@@ -8,11 +8,14 @@ from gradstats._build import BuildError
 from gradstats._version import __version__
 from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradstats.ops import BUILD_INFO, kernel_devices
+from gradstats.optim import AdaptiveClip, ClipGradOptimizer
 from gradstats.stats import GradStats, count_nonfinite, grad_stats
 
 __all__ = [
     "BUILD_INFO",
+    "AdaptiveClip",
     "BuildError",
+    "ClipGradOptimizer",
     "GradStats",
     "__version__",
     "clip_grad_norm_",
