@@ -110,7 +110,10 @@ def _grad_or_self(t: Tensor) -> Tensor | None:
 
 
 def check_norm_type(norm_type: float | str) -> float:
-    p = float(norm_type)
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        p = math.nan
     if not p > 0:
         raise ValueError(
             f"norm_type must be > 0 or inf; got {norm_type!r} (0 and -inf are not supported)"

@@ -127,6 +127,13 @@ def test_bad_norm_types(norm_type):
         ops.stats([torch.randn(3)], norm_type, 1.0, "propagate")
 
 
+def test_norm_type_given_as_text():
+    x = torch.randn(5)
+    assert gradstats.get_total_norm([x], "inf").item() == x.abs().max().item()
+    with pytest.raises(ValueError, match="norm_type must be > 0 or inf; got 'fro'"):
+        gradstats.get_total_norm([x], "fro")
+
+
 @pytest.mark.parametrize("max_norm", [-1.0, float("nan")])
 def test_bad_max_norm_changes_nothing(max_norm):
     p = torch.nn.Parameter(torch.randn(5))
