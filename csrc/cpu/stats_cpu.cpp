@@ -45,14 +45,8 @@ struct Plan {
 };
 
 Source make_source(const at::Tensor& t, int64_t index, const char* op) {
-  Source s{static_cast<char*>(t.data_ptr()), static_cast<int64_t>(t.element_size()),
-           dtype_tag(t.scalar_type()), Layout{}};
-  TORCH_CHECK(make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()),
-                          s.layout),
-              "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
-              " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
-              "); pass a contiguous tensor");
-  return s;
+  return Source{static_cast<char*>(t.data_ptr()), static_cast<int64_t>(t.element_size()),
+                dtype_tag(t.scalar_type()), tensor_layout(t, index, op)};
 }
 
 void add_pieces(Plan& plan, int64_t tensor) {
