@@ -56,20 +56,22 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors, const c
 }
 
 // Plans a call with the small table when one small launch holds it, else with large tables, and
-// calls run(table, launch_index, launch_plan) for each launch in order.
+// calls run(table, k, plan) for each launch k of the plan, in order.
 template <typename Run>
-CallPlan plan_and_run(const std::vector<TensorDesc>& descs, Run&& run) {
+void plan_and_run(const std::vector<TensorDesc>& descs, Run&& run) {
   const auto run_all = [&](auto table, const CallPlan& plan) {
     for (size_t k = 0; k < plan.launches.size(); ++k) {
       pack_launch(descs, plan.launches[k], *table);
       run(*table, k, plan);
     }
-    return plan;
   };
-  CallPlan plan = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
-  if (plan.launches.size() == 1) return run_all(std::make_unique<SmallTable>(), plan);
-  return run_all(std::make_unique<LargeTable>(),
-                 plan_call(descs, LargeTable::kCapacity, LargeTable::kDimCapacity));
+  const CallPlan small = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
+  if (small.launches.size() == 1) {
+    run_all(std::make_unique<SmallTable>(), small);
+  } else {
+    run_all(std::make_unique<LargeTable>(),
+            plan_call(descs, LargeTable::kCapacity, LargeTable::kDimCapacity));
+  }
 }
 
 // Everything the stats kernels write besides the outputs: one Partial per chunk and per tensor,
