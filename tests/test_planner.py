@@ -1,9 +1,11 @@
-"""The CUDA kernels' host-side planner (csrc/cuda/planner.h), tested without a GPU.
+"""The CUDA kernels' host-side planner and chunk walks, tested without a GPU.
 
 tests/cpp/test_planner.cpp is compiled with the system C++ compiler against the planner's plain
 C++ sources (no torch, no CUDA) and run; it covers chunk boundaries, empty tensors, tensors larger
 than one chunk and than 2^31 elements, lists longer than one launch, mixed dtypes, misaligned
-pointers and strided layouts.
+pointers and strided layouts. tests/cpp/test_walkers.cpp runs the kernels' chunk walks
+(csrc/cuda/device.cuh) on the host, one thread after another, and checks that they visit every
+element of a chunk exactly once.
 """
 
 from __future__ import annotations
@@ -15,33 +17,49 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "tests" / "cpp" / "test_planner.cpp", ROOT / "csrc" / "cuda" / "planner.cpp"]
-# Compiling and running the test program takes a few seconds; this bounds a hung compiler.
+CPP = ROOT / "tests" / "cpp"
+# Compiling and running a test program takes seconds; this bounds a hung compiler.
 TIMEOUT_S = 300
+CXXFLAGS = ["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}"]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-@pytest.fixture(scope="module")
-def planner_binary(tmp_path_factory) -> Path:
-    cxx = _compiler()
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("no C++ compiler (g++ or $CXX) to build the planner test")
-    binary = tmp_path_factory.mktemp("planner") / "test_planner"
-    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}"]
-    cmd += [str(s) for s in SOURCES] + ["-o", str(binary)]
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the test program")
+    return cxx
+
+
+def _cuda_include() -> Path:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_runtime_api.h").exists():
+            return Path(home) / "include"
+    pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h) for the walk test")
+
+
+def _build_and_run(tmp_path: Path, sources: list[Path], flags: list[str]) -> None:
+    binary = tmp_path / sources[0].stem
+    cmd = [_compiler(), *CXXFLAGS, *flags, *map(str, sources), "-o", str(binary)]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert built.returncode == 0, f"building the planner test failed:\n{built.stderr}"
-    return binary
-
-
-def test_planner(planner_binary):
-    run = subprocess.run([str(planner_binary)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert built.returncode == 0, f"building {sources[0].name} failed:\n{built.stderr}"
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=TIMEOUT_S)
     summary = re.search(r"(\d+) passed, (\d+) failed", run.stdout)
-    assert summary is not None, f"no summary line in the planner test's output:\n{run.stdout}"
+    assert summary is not None, f"no summary line in the output of {binary.name}:\n{run.stdout}"
     assert run.returncode == 0 and summary.group(2) == "0", run.stdout
     assert int(summary.group(1)) > 0
+
+
+def test_planner(tmp_path):
+    _build_and_run(tmp_path, [CPP / "test_planner.cpp", ROOT / "csrc" / "cuda" / "planner.cpp"], [])
+
+
+def test_chunk_walks_on_host(tmp_path):
+    torch_include = Path(torch.__file__).parent / "include"
+    # torch's headers are not -Wextra clean: include them as system headers. The device code's
+    # #pragma unroll means nothing to a host compiler.
+    flags = ["-isystem", str(torch_include), "-isystem", str(_cuda_include())]
+    flags.append("-Wno-unknown-pragmas")
+    _build_and_run(tmp_path, [CPP / "test_walkers.cpp"], flags)
