@@ -197,36 +197,49 @@ __device__ __forceinline__ void write_counts(const StatsArgs& args, int64_t colu
   args.counts[kNonfiniteRow * row + column] = p.nan + p.inf;
 }
 
-// The last block of a launch: each warp combines the chunk partials of some of the launch's
-// tensors (lanes take every 32nd chunk, then a warp tree), and writes their norms and counts.
+// A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
+__device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, const Partial& p) {
+  args.tensor_partials[g] = p;
+  const double norm = reported_norm(p, args.spec, args.policy);
+  if (args.out_double) {
+    static_cast<double*>(args.norms)[g] = norm;
+  } else {
+    static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
+  }
+  write_counts(args, g, p);
+}
+
+// The last block of a launch combines the chunk partials of each of the launch's tensors: a warp
+// per tensor of at most kWarpSize chunks (a lane per chunk, then a warp tree), the whole block for
+// a larger one (each thread every kThreads-th chunk, then a block tree). Either order depends
+// only on the tensor's chunk count, so a tensor's result does not depend on the list it is in.
 template <class Table>
-__device__ __forceinline__ void reduce_tensors(const Table& table, const StatsArgs& args) {
+__device__ __forceinline__ void reduce_tensors(const Table& table, const StatsArgs& args,
+                                               Scratch& scratch) {
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const Partial* partials = args.chunk_partials + table.first_chunk;
   const CombineOp op{args.spec};
   for (int32_t t = warp; t < table.num_tensors; t += kWarps) {
     const int32_t first = tensor_first_chunk(table, t);
+    const int32_t chunks = table.chunk_end[t] - first;
+    if (chunks > kWarpSize) continue;
+    Partial acc = lane < chunks ? load_partial(partials + first + lane) : empty_partial();
+    acc = warp_reduce(acc, op);
+    if (lane == 0) finish_tensor(args, table.first_tensor + t, acc);
+  }
+  for (int32_t t = 0; t < table.num_tensors; ++t) {
+    const int32_t first = tensor_first_chunk(table, t);
     const int32_t end = table.chunk_end[t];
+    if (end - first <= kWarpSize) continue;
     Partial acc = empty_partial();
-    if (end - first == 1) {
-      acc = load_partial(partials + first);
-    } else {
-      for (int32_t c = first + lane; c < end; c += kWarpSize)
-        acc = op(acc, load_partial(partials + c));
-      acc = warp_reduce(acc, op);
+    // Unrolled so that several loads from L2 are in flight ahead of the combines that use them.
+#pragma unroll 4
+    for (int32_t c = first + static_cast<int32_t>(threadIdx.x); c < end; c += kThreads) {
+      acc = op(acc, load_partial(partials + c));
     }
-    if (lane == 0) {
-      const int64_t g = table.first_tensor + t;
-      args.tensor_partials[g] = acc;
-      const double norm = reported_norm(acc, args.spec, args.policy);
-      if (args.out_double) {
-        static_cast<double*>(args.norms)[g] = norm;
-      } else {
-        static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
-      }
-      write_counts(args, g, acc);
-    }
+    acc = block_allreduce(acc, op, scratch.partial);
+    if (threadIdx.x == 0) finish_tensor(args, table.first_tensor + t, acc);
   }
 }
 
@@ -270,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (threadIdx.x == 0) args.chunk_partials[table.first_chunk + c] = p;
   }
   if (!finished_last(args.done_blocks, scratch)) return;
-  reduce_tensors(table, args);
+  reduce_tensors(table, args, scratch);
   if (args.last_launch) write_totals(args, scratch);
 }
 
