@@ -1,11 +1,15 @@
-"""The CUDA kernels' host-side planner and chunk walks, tested without a GPU.
+"""The CUDA path's host-side planner, and its kernels run on the host: tested without a GPU.
 
-tests/cpp/test_planner.cpp is compiled with the system C++ compiler against the planner's plain
-C++ sources (no torch, no CUDA) and run; it covers chunk boundaries, empty tensors, tensors larger
-than one chunk and than 2^31 elements, lists longer than one launch, mixed dtypes, misaligned
-pointers and strided layouts. tests/cpp/test_walkers.cpp runs the kernels' chunk walks
-(csrc/cuda/device.cuh) on the host, one thread after another, and checks that they visit every
-element of a chunk exactly once.
+Each tests/cpp program is compiled with the system C++ compiler and run:
+- test_planner.cpp, against the planner's plain C++ sources (no torch, no CUDA): chunk
+  boundaries, empty tensors, tensors larger than one chunk and than 2^31 elements, lists longer
+  than one launch, mixed dtypes, misaligned pointers, strided layouts;
+- test_walkers.cpp: the kernels' chunk walks (csrc/cuda/device.cuh) visit every element once;
+- test_kernels.cpp: the stats and scale kernels themselves (csrc/cuda/kernels.cuh) on the host
+  (tests/cpp/host_cuda.h: fibers for threads), against stats.h's exact statistics, and bitwise
+  the same for any grid and any split into launches.
+The last two need torch's and the CUDA toolkit's headers (not a GPU). They check the kernels'
+logic, not how a GPU runs them.
 """
 
 from __future__ import annotations
@@ -56,10 +60,18 @@ def test_planner(tmp_path):
     _build_and_run(tmp_path, [CPP / "test_planner.cpp", ROOT / "csrc" / "cuda" / "planner.cpp"], [])
 
 
-def test_chunk_walks_on_host(tmp_path):
+def _device_code_flags() -> list[str]:
     torch_include = Path(torch.__file__).parent / "include"
     # torch's headers are not -Wextra clean: include them as system headers. The device code's
     # #pragma unroll means nothing to a host compiler.
-    flags = ["-isystem", str(torch_include), "-isystem", str(_cuda_include())]
-    flags.append("-Wno-unknown-pragmas")
-    _build_and_run(tmp_path, [CPP / "test_walkers.cpp"], flags)
+    flags = ["-isystem", str(torch_include), "-isystem", str(_cuda_include()), f"-I{CPP}"]
+    return [*flags, "-Wno-unknown-pragmas"]
+
+
+def test_chunk_walks_on_host(tmp_path):
+    _build_and_run(tmp_path, [CPP / "test_walkers.cpp"], _device_code_flags())
+
+
+def test_kernels_on_host(tmp_path):
+    sources = [CPP / "test_kernels.cpp", ROOT / "csrc" / "cuda" / "planner.cpp"]
+    _build_and_run(tmp_path, sources, _device_code_flags())

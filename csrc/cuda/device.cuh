@@ -72,7 +72,9 @@ struct StridedLayout {
 
 // The block's copy of the layout of the strided chunk it is at. At namespace scope, so that the
 // per-chunk functions address it as shared memory rather than through a generic pointer.
-static __shared__ StridedLayout chunk_layout;
+namespace {
+__shared__ StridedLayout chunk_layout;
+}  // namespace
 
 // Where a chunk's elements lie: elements [begin, begin + len) of the walk of the tensor at base.
 template <typename T>

@@ -1,8 +1,8 @@
-// The CUDA kernels' chunk walks (csrc/cuda/device.cuh), run on the host: the CUDA keywords are
-// defined away and the threads of one block run one after the other, which is all the walks need
-// (a walk's threads share nothing). Checks that every element of a chunk is visited exactly once
-// and, for writing walks, written exactly once, for flat chunks of every element size with every
-// misalignment, around the pack and step boundaries, and for strided layouts cut into chunks.
+// The CUDA kernels' chunk walks (csrc/cuda/device.cuh), run on the host (host_cuda.h) with the
+// threads of a block one after the other, which is all the walks need (their threads share
+// nothing). Checks that every element of a chunk is visited exactly once and, for writing walks,
+// written exactly once, for flat chunks of every element size with every misalignment, around
+// the pack and step boundaries, and for strided layouts cut into chunks.
 // Built and run by tests/test_planner.py (needs torch's and the CUDA toolkit's headers); ends
 // with "N passed, N failed".
 #include <algorithm>
@@ -12,24 +12,11 @@
 #include <string>
 #include <vector>
 
-struct ThreadIndex {
-  unsigned x = 0;
-};
-ThreadIndex threadIdx;
-#define __device__
-#define __forceinline__ inline
-#define __shared__
-#define __builtin_assume(condition) static_cast<void>(0)
-#define __isGlobal(pointer) true
-#define __isShared(pointer) true
-using std::min;
-template <class T>
-T __shfl_down_sync(unsigned, T value, int) {
-  return value;
-}
-void __syncthreads() {}
-
+// host_cuda.h stands in for CUDA: it must come before the device code.
+// clang-format off
+#include "host_cuda.h"
 #include "cuda/device.cuh"
+// clang-format on
 
 using namespace gradstats;
 using namespace gradstats::gpu;
