@@ -372,7 +372,7 @@ def _copies(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
 
 
 @gpu
-@pytest.mark.parametrize("n", [6, SMALL_LAUNCH + 50])
+@pytest.mark.parametrize("n", [6, SMALL_LAUNCH + 50, LARGE_LAUNCH + 10])  # 1, 1 and 2 launches
 def test_cuda_graph_capture_and_replay_of_clip_grad_norm(n):
     params = _params_with_grads(n)
     side = torch.cuda.Stream()

@@ -16,7 +16,7 @@ namespace gradstats::gpu {
 
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr unsigned kFullMask = 0xffffffffu;
+constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp takes part in its shuffles
 
 // Independent 16-byte loads a thread issues before it uses any of them. Little's law: a GPU needs
 // bandwidth x latency bytes in flight, about 4.8 TB/s x 1 us ~ 36 KB per SM of an H200; four loads
@@ -62,8 +62,8 @@ __device__ __forceinline__ opmath_t<T> to_opmath(T x) {
 }
 
 // The merged layout (layout.h) of a strided tensor, copied from the table into shared memory for
-// the chunks of that tensor: the walks index it freely, which kernel parameters do not allow
-// without a copy to local memory.
+// the chunks of that tensor: the per-chunk functions, which are not inlined, cannot be handed a
+// pointer into the kernel parameters without the compiler copying those to local memory.
 struct StridedLayout {
   int64_t sizes[kMaxLayoutDims];
   int64_t strides[kMaxLayoutDims];
