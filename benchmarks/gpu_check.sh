@@ -141,6 +141,8 @@ MAXREG=$(grep -oE "Used [0-9]+ registers" "$OUT/ptxas.txt" | awk '{print $2}' | 
 record build "$(status_of "$BUILD_RC")" "$BUILD_S" \
   "${KERNELS:-0} kernel builds, max ${MAXREG:-?} registers, ${SPILLS:-0} with spills (ptxas.txt)"
 
+# This checkout first, whether pip's editable install or the in-place build made it.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 IMPORT_OK=0
 if [[ $BUILD_RC -eq 0 ]]; then
   "$PY" -c "import gradstats as g, sys; print(g.__file__, g.BUILD_INFO, g.kernel_devices()); \
