@@ -38,8 +38,8 @@ void check(bool ok, const std::string& what) {
   }
 }
 
-// Relative tolerance of the kernels' norms against exact_partial in double (planner: float lanes
-// sum at most 8 terms before adding them in double).
+// Relative tolerance of the kernels' norms against exact_partial in double: their float lanes
+// sum at most 8 terms before adding them in double (kernels.cuh).
 constexpr double kNormRtol = 1e-6;
 
 bool close(double actual, double expected, double rtol = kNormRtol) {
