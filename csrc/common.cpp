@@ -47,6 +47,15 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
   return out;
 }
 
+Layout tensor_layout(const at::Tensor& t, int64_t index, const char* op) {
+  Layout layout;
+  TORCH_CHECK(make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()), layout),
+              "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
+              " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
+              "); pass a contiguous tensor");
+  return layout;
+}
+
 NormSpec parse_norm_type(double norm_type) {
   TORCH_CHECK(norm_type > 0.0, "gradstats: norm_type must be > 0 or inf; got ", norm_type,
               " (norm_type 0 and -inf are not supported)");

@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "layout.h"
 #include "stats.h"
 
 namespace gradstats {
@@ -15,6 +16,10 @@ namespace gradstats {
 // The validated inputs of one call: complex tensors replaced by their real views.
 // write=true (scale_) also rejects tensors whose elements share memory.
 std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write);
+
+// The walk (layout.h) of tensor `index` of a validated list. Raises when it has more than
+// kMaxLayoutDims dimensions that cannot be merged.
+Layout tensor_layout(const at::Tensor& t, int64_t index, const char* op);
 
 NormSpec parse_norm_type(double norm_type);
 Nonfinite parse_nonfinite(c10::string_view name);
@@ -28,12 +33,8 @@ struct StatsOutputs {
   at::Tensor total_norm;  // 0-dim, norm_dtype
   at::Tensor clip_coef;   // 0-dim, norm_dtype
   at::Tensor norms;       // [n], norm_dtype
-  at::Tensor counts;      // int64 [3, n + 1]: rows NaN, Inf, NaN + Inf; column n holds the totals
+  at::Tensor counts;      // int64 [kCountRows, n + 1] (stats.h); column n holds the totals
 };
-constexpr int64_t kCountRows = 3;
-constexpr int64_t kNanRow = 0;
-constexpr int64_t kInfRow = 1;
-constexpr int64_t kNonfiniteRow = 2;
 
 StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors);
 

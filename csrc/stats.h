@@ -31,6 +31,12 @@ struct NormSpec {
   double p;  // 1, 2, inf or the general exponent
 };
 
+// Rows of the stats op's counts output, int64 [kCountRows, n + 1]; column n holds the totals.
+constexpr int64_t kCountRows = 3;
+constexpr int64_t kNanRow = 0;
+constexpr int64_t kInfRow = 1;
+constexpr int64_t kNonfiniteRow = 2;
+
 // torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing max_norm by it.
 constexpr double kClipEps = 1e-6;
 

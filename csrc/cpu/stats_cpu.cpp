@@ -59,14 +59,8 @@ struct Plan {
 void add_source(Plan& plan, const at::Tensor& t, int64_t index, const char* op) {
   Source s{static_cast<char*>(t.data_ptr()), t.numel(), dtype_tag(t.scalar_type()), kFlat};
   if (!t.is_non_overlapping_and_dense()) {
-    Layout layout;
-    TORCH_CHECK(
-        make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()), layout),
-        "gradstats.", op, ": tensor ", index, " has more than ", kMaxLayoutDims,
-        " dimensions that cannot be merged (sizes ", t.sizes(), ", strides ", t.strides(),
-        "); pass a contiguous tensor");
     s.layout = static_cast<int32_t>(plan.layouts.size());
-    plan.layouts.push_back(layout);
+    plan.layouts.push_back(tensor_layout(t, index, op));
   }
   const auto tensor = static_cast<int64_t>(plan.sources.size());
   plan.sources.push_back(s);

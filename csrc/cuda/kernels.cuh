@@ -1,0 +1,336 @@
+// The CUDA kernels of the gradstats ops (launched by kernels.cu; host side: ops_cuda.cpp). Device
+// code only, in a header so that tests/cpp/test_kernels.cpp can also run it on the host.
+//
+// stats: a persistent grid walks the launch's chunk list; each block reduces a chunk to a Partial
+// (stats.h) in its slot of a workspace; the last block to finish (a counter after a fence) combines
+// each tensor's chunk partials and, in the call's last launch, all tensors' partials, in a fixed
+// order, and writes norms, counts, total norm and clip coefficient. No floating-point atomics: the
+// same inputs give bitwise the same outputs, however the list is split into launches.
+//
+// scale_: reads the coefficient on the device; when it is >= 1 and nothing is to be zeroed, every
+// block returns before touching a tensor.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/device.cuh"
+#include "cuda/launch.h"
+#include "stats.h"
+
+namespace gradstats::gpu {
+namespace {
+
+// A float-lane sum of squares below this may have lost tiny terms to underflow: each float
+// operation errs by at most 2^-150 absolute once its result is subnormal, and a chunk has at most
+// 2^16 elements, so above 2^-100 the loss is below 2^-33 relative. Such chunks are summed again in
+// double unless they hold only zeros.
+constexpr double kUnderflowGuard = 0x1p-100;
+
+// What a thread brings to the fast path's reduction: the sum of |x|^p (max |x| for inf) and, when
+// float lanes square, the largest |x| to tell an underflowed sum from a zero one.
+struct FastSum {
+  double sum;
+  double amax;
+};
+
+__device__ __forceinline__ FastSum shfl_down(const FastSum& v, int offset) {
+  return FastSum{__shfl_down_sync(kFullMask, v.sum, offset),
+                 __shfl_down_sync(kFullMask, v.amax, offset)};
+}
+
+// acc with the term of |x| = a added: its square, itself, or a max that keeps a NaN (which then
+// sends the chunk to the exact path, as an Inf does).
+template <NormKind K, typename S>
+__device__ __forceinline__ S add_term(S acc, S a) {
+  if constexpr (K == NormKind::kL2) {
+    return fma(a, a, acc);
+  } else if constexpr (K == NormKind::kL1) {
+    return acc + a;
+  } else {
+    return (a > acc || a != a) ? a : acc;
+  }
+}
+
+template <NormKind K>
+__device__ __forceinline__ double merge_terms(double a, double b) {
+  return K == NormKind::kInf ? ((b > a || b != b) ? b : a) : a + b;
+}
+
+template <NormKind K>
+__device__ __forceinline__ FastSum merge_fast(const FastSum& a, const FastSum& b) {
+  return FastSum{merge_terms<K>(a.sum, b.sum), fmax(a.amax, b.amax)};
+}
+
+// The fast path's per-thread accumulation for p = 1, 2 or inf. A pack's terms are summed in
+// opmath (float lanes: at most 8 terms, so a relative error below 8 * 2^-24 < 1e-6 whatever the
+// chunk holds), then added to one of kLoadsInFlight double accumulators. kPrecise sums every term
+// in double (the underflow re-run).
+template <typename T, NormKind K, bool kPrecise>
+struct SumVisit {
+  using S = std::conditional_t<kPrecise, double, opmath_t<T>>;
+  static constexpr bool kTracksMax = K == NormKind::kL2 && std::is_same_v<S, float>;
+
+  double acc[kLoadsInFlight] = {};
+  S amax = 0;
+
+  __device__ __forceinline__ S term_of(T x) {
+    const S a = fabs(static_cast<S>(to_opmath(x)));
+    if constexpr (kTracksMax) amax = fmax(amax, a);
+    return a;
+  }
+  __device__ __forceinline__ void element(const T& x, int slot) {
+    acc[slot] = merge_terms<K>(acc[slot], static_cast<double>(add_term<K>(S(0), term_of(x))));
+  }
+  __device__ __forceinline__ void pack(const Pack<T>& v, int slot) {
+    S s = 0;
+#pragma unroll
+    for (int e = 0; e < kPerPack<T>; ++e) s = add_term<K>(s, term_of(v.x[e]));
+    acc[slot] = merge_terms<K>(acc[slot], static_cast<double>(s));
+  }
+  __device__ __forceinline__ FastSum result() const {
+    double r = acc[0];
+#pragma unroll
+    for (int k = 1; k < kLoadsInFlight; ++k) r = merge_terms<K>(r, acc[k]);
+    return FastSum{r, static_cast<double>(amax)};
+  }
+};
+
+// Shared memory of a stats block: reduction scratch and the last-block flag.
+struct Scratch {
+  FastSum fast[kWarps];
+  Partial partial[kWarps];
+  bool last_block;
+};
+
+struct CombineOp {
+  NormSpec spec;
+  __device__ __forceinline__ Partial operator()(Partial a, const Partial& b) const {
+    combine(a, b, spec);
+    return a;
+  }
+};
+
+// Partials written by other blocks: read from L2, where their fences put them.
+__device__ __forceinline__ Partial load_partial(const Partial* p) {
+  Partial r;
+  r.sum = __ldcg(&p->sum);
+  r.nan = __ldcg(reinterpret_cast<const long long*>(&p->nan));
+  r.inf = __ldcg(reinterpret_cast<const long long*>(&p->inf));
+  r.exp = __ldcg(&p->exp);
+  return r;
+}
+
+// The per-chunk work of each dtype (and norm) is a function of its own, called once per chunk:
+// ptxas then allocates each path's registers on its own instead of across all of them at once.
+
+// The block's sum of |x|^p over a chunk (max |x| for inf) on the fast path: NaN or Inf when the
+// chunk holds a NaN or Inf or overflows, and the caller takes the exact path.
+template <typename T, NormKind K>
+__device__ __noinline__ double fast_sum(ChunkView<T> view, FastSum* scratch) {
+  SumVisit<T, K, false> visit;
+  walk_chunk<false>(view, visit);
+  FastSum r = block_allreduce(visit.result(), merge_fast<K>, scratch);
+  if constexpr (SumVisit<T, K, false>::kTracksMax) {
+    if (isfinite(r.sum) && r.sum < kUnderflowGuard && r.amax != 0.0) {
+      SumVisit<T, K, true> precise;
+      walk_chunk<false>(view, precise);
+      r = block_allreduce(precise.result(), merge_fast<K>, scratch);
+    }
+  }
+  return r.sum;
+}
+
+// Exact statistics of a chunk (stats.h: exact_partial): every NaN and Inf counted, overflow
+// rescaled. Each thread takes every kThreads-th element, so that the loads coalesce.
+template <typename T>
+__device__ __noinline__ Partial exact_chunk(ChunkView<T> view, NormSpec spec, Partial* scratch) {
+  assume_spaces(view);
+  const int tid = threadIdx.x;
+  const int64_t count = view.len > tid ? (view.len - tid + kThreads - 1) / kThreads : 0;
+  const auto load = [&](int64_t i) {
+    return static_cast<double>(to_opmath(view.base[view.offset(view.begin + tid + i * kThreads)]));
+  };
+  return block_allreduce(exact_partial(load, count, spec), CombineOp{spec}, scratch);
+}
+
+template <typename T>
+__device__ __forceinline__ Partial chunk_partial(const ChunkView<T>& view, NormSpec spec,
+                                                 Scratch& scratch) {
+  double sum = NAN;  // a general p: pow per element in double on the exact path, as on the CPU
+  switch (spec.kind) {
+    case NormKind::kL2:
+      sum = fast_sum<T, NormKind::kL2>(view, scratch.fast);
+      break;
+    case NormKind::kL1:
+      sum = fast_sum<T, NormKind::kL1>(view, scratch.fast);
+      break;
+    case NormKind::kInf:
+      sum = fast_sum<T, NormKind::kInf>(view, scratch.fast);
+      break;
+    default:
+      break;
+  }
+  if (!isfinite(sum)) return exact_chunk<T>(view, spec, scratch.partial);
+  Partial p = empty_partial();
+  p.sum = sum;
+  rescale(p.sum, p.exp, spec);
+  return p;
+}
+
+// True in the block that finishes last in its launch; the other blocks' chunk partials are then
+// visible to it.
+__device__ __forceinline__ bool finished_last(unsigned int* done_blocks, Scratch& scratch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: this block's chunk partials before its count
+    scratch.last_block = atomicAdd(done_blocks, 1u) == gridDim.x - 1;
+    __threadfence();  // acquire: the partials the other blocks fenced before their counts
+  }
+  __syncthreads();
+  return scratch.last_block;
+}
+
+__device__ __forceinline__ void write_counts(const StatsArgs& args, int64_t column,
+                                             const Partial& p) {
+  const int64_t row = args.num_tensors + 1;
+  args.counts[kNanRow * row + column] = p.nan;
+  args.counts[kInfRow * row + column] = p.inf;
+  args.counts[kNonfiniteRow * row + column] = p.nan + p.inf;
+}
+
+// A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
+__device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, const Partial& p) {
+  args.tensor_partials[g] = p;
+  const double norm = reported_norm(p, args.spec, args.policy);
+  if (args.out_double) {
+    static_cast<double*>(args.norms)[g] = norm;
+  } else {
+    static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
+  }
+  write_counts(args, g, p);
+}
+
+// The last block of a launch combines the chunk partials of each of the launch's tensors: a warp
+// per tensor of at most kWarpSize chunks (a lane per chunk, then a warp tree), the whole block for
+// a larger one (each thread every kThreads-th chunk, then a block tree). Either order depends
+// only on the tensor's chunk count, so a tensor's result does not depend on the list it is in.
+template <class Table>
+__device__ __forceinline__ void reduce_tensors(const Table& table, const StatsArgs& args,
+                                               Scratch& scratch) {
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const Partial* partials = args.chunk_partials + table.first_chunk;
+  const CombineOp op{args.spec};
+  for (int32_t t = warp; t < table.num_tensors; t += kWarps) {
+    const int32_t first = tensor_first_chunk(table, t);
+    const int32_t chunks = table.chunk_end[t] - first;
+    if (chunks > kWarpSize) continue;
+    Partial acc = lane < chunks ? load_partial(partials + first + lane) : empty_partial();
+    acc = warp_reduce(acc, op);
+    if (lane == 0) finish_tensor(args, table.first_tensor + t, acc);
+  }
+  for (int32_t t = 0; t < table.num_tensors; ++t) {
+    const int32_t first = tensor_first_chunk(table, t);
+    const int32_t end = table.chunk_end[t];
+    if (end - first <= kWarpSize) continue;
+    Partial acc = empty_partial();
+    // Unrolled so that several loads from L2 are in flight ahead of the combines that use them.
+#pragma unroll 4
+    for (int32_t c = first + static_cast<int32_t>(threadIdx.x); c < end; c += kThreads) {
+      acc = op(acc, load_partial(partials + c));
+    }
+    acc = block_allreduce(acc, op, scratch.partial);
+    if (threadIdx.x == 0) finish_tensor(args, table.first_tensor + t, acc);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_total(const StatsArgs& args, const Partial& all) {
+  const T total = static_cast<T>(reported_norm(all, args.spec, args.policy));
+  *static_cast<T*>(args.total_norm) = total;
+  *static_cast<T*>(args.clip_coef) = clip_coefficient<T>(total, args.max_norm, all, args.policy);
+}
+
+// The last block of the call's last launch: all tensors' partials (this launch's written by this
+// block, earlier launches' before this kernel began), combined in a fixed order.
+__device__ __forceinline__ void write_totals(const StatsArgs& args, Scratch& scratch) {
+  __syncthreads();
+  const CombineOp op{args.spec};
+  Partial acc = empty_partial();
+  for (int64_t i = threadIdx.x; i < args.num_tensors; i += kThreads) {
+    acc = op(acc, load_partial(args.tensor_partials + i));
+  }
+  acc = block_allreduce(acc, op, scratch.partial);
+  if (threadIdx.x != 0) return;
+  write_counts(args, args.num_tensors, acc);
+  if (args.out_double) {
+    write_total<double>(args, acc);
+  } else {
+    write_total<float>(args, acc);
+  }
+}
+
+template <class Table>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    stats_kernel(const Table table, const StatsArgs args) {
+  __shared__ Scratch scratch;
+  for (int32_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
+    const ChunkRef ref = locate_chunk(table, c);
+    Partial p;
+    dispatch_dtype(table.dtype[ref.tensor], [&](auto tag) {
+      using T = decltype(tag);
+      p = chunk_partial(chunk_view<T>(table, ref), args.spec, scratch);
+    });
+    if (threadIdx.x == 0) args.chunk_partials[table.first_chunk + c] = p;
+  }
+  if (!finished_last(args.done_blocks, scratch)) return;
+  reduce_tensors(table, args, scratch);
+  if (args.last_launch) write_totals(args, scratch);
+}
+
+// x <- x * coef in opmath, or 0 for a NaN/Inf x of a tensor being zeroed.
+template <typename T>
+struct ScaleVisit {
+  opmath_t<T> coef;
+  bool zero_nonfinite;
+
+  __device__ __forceinline__ T scaled(T x) const {
+    const opmath_t<T> v = to_opmath(x);
+    return static_cast<T>(zero_nonfinite && !isfinite(v) ? opmath_t<T>(0) : v * coef);
+  }
+  __device__ __forceinline__ void element(T& x, int) const { x = scaled(x); }
+  __device__ __forceinline__ void pack(Pack<T>& v, int) const {
+#pragma unroll
+    for (int e = 0; e < kPerPack<T>; ++e) v.x[e] = scaled(v.x[e]);
+  }
+};
+
+template <typename T>
+__device__ __noinline__ void scale_chunk(ChunkView<T> view, opmath_t<T> coef, bool zero_nonfinite) {
+  ScaleVisit<T> visit{coef, zero_nonfinite};
+  walk_chunk<true>(view, visit);
+}
+
+template <class Table>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    scale_kernel(const Table table, const ScaleArgs args) {
+  double coef = 0.0;
+  dispatch_dtype(static_cast<int>(args.coef_dtype), [&](auto tag) {
+    coef = static_cast<double>(to_opmath(*static_cast<const decltype(tag)*>(args.coef)));
+  });
+  const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as in torch
+  if (!clips && args.zero_counts == nullptr) return;
+  for (int32_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
+    const ChunkRef ref = locate_chunk(table, c);
+    const bool zero = args.zero_counts != nullptr &&
+                      args.zero_counts[(table.first_tensor + ref.tensor) * args.zero_stride] > 0;
+    if (!clips && !zero) continue;
+    dispatch_dtype(table.dtype[ref.tensor], [&](auto tag) {
+      using T = decltype(tag);
+      scale_chunk(chunk_view<T>(table, ref), static_cast<opmath_t<T>>(clips ? coef : 1.0), zero);
+    });
+  }
+}
+
+}  // namespace
+}  // namespace gradstats::gpu
