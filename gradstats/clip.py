@@ -46,7 +46,8 @@ def check_on_nonfinite(on_nonfinite: str) -> str:
 
 def nonfinite_report(st: GradStats, tensors: list[Tensor], names=None) -> str:
     """Lines naming the tensors that hold NaN/Inf with their counts (syncs: only for errors)."""
-    counts = st.counts[:, :-1].cpu()
+    all_counts = st.counts.cpu()
+    counts = all_counts[:, :-1]
     bad = torch.nonzero(counts[NONFINITE_ROW]).flatten().tolist()
     lines = [f"{len(bad)} of {len(tensors)} tensors hold NaN or Inf:"]
     for i in bad[:_NAMED_AT_MOST]:
@@ -58,6 +59,10 @@ def nonfinite_report(st: GradStats, tensors: list[Tensor], names=None) -> str:
         )
     if len(bad) > _NAMED_AT_MOST:
         lines.append(f"  ... and {len(bad) - _NAMED_AT_MOST} more")
+    # With a process_group the totals are global but plain tensors' counts are this rank's.
+    elsewhere = int(all_counts[NONFINITE_ROW, -1]) - int(counts[NONFINITE_ROW].sum())
+    if elsewhere > 0:
+        lines.append(f"  and {elsewhere} NaN/Inf elements in the gradients of other ranks")
     return "\n".join(lines)
 
 

@@ -111,6 +111,16 @@ class _Reduction:
     contributes: list[bool] = field(default_factory=list)
 
 
+@dataclass
+class _Local:
+    """This rank's statistics of its tensors (local shards of DTensors)."""
+
+    norms: Tensor  # per tensor, in the norm dtype
+    counts: Tensor  # int64 [3, n + 1], totals in the last column
+    total: Tensor  # float64, NaN as 0
+    finite_norms: Tensor  # float64 per tensor, NaN as 0
+
+
 def global_stats(
     tensors: Sequence[Tensor],
     norm_type: float,
@@ -120,7 +130,10 @@ def global_stats(
     per_tensor: bool,
 ) -> GradStats:
     """The statistics of the whole gradients that these tensors (DTensors, or plain parts over
-    process_group) are this rank's share of, identical on every rank. See the module docstring."""
+    process_group) are this rank's share of, identical on every rank. See the module docstring.
+
+    The norms come back in the dtype of the local gradients (float32 on a rank without any).
+    """
     check_process_group(process_group)
     items = list(tensors)
     meshes = _meshes(items) if is_active() else []
@@ -130,70 +143,63 @@ def global_stats(
         _check_disjoint(process_group, meshes)
     items = [_summed(t) for t in items]
     reductions, replicated = _layout(items)
-    shards = local_tensors(items)
+    local = _local_stats(local_tensors(items), norm_type, on_nonfinite, process_group)
+    n = local.norms.numel()
 
-    if shards:
-        local = compute_local(shards, norm_type, max_norm, on_nonfinite)
-        device, dtype = local.total_norm.device, local.total_norm.dtype
-        norms, counts, local_total = local.norms, local.counts, local.total_norm
-    else:
-        device, dtype = _group_device(process_group), torch.float32
-        norms = torch.zeros(0, dtype=dtype, device=device)
-        counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
-        local_total = torch.zeros((), dtype=dtype, device=device)
-    n = len(shards)
-    finite = _without_nan(norms)
-    out_norms, out_counts = norms.clone(), counts.clone()
-    parts: list[Tensor] = []
-    part_counts: list[Tensor] = []
-
+    # This rank's share as disjoint parts, (p-norm in float64, NaN and Inf counts) each; the
+    # per-tensor statistics of reduced DTensors replaced by their global ones.
+    parts: list[tuple[Tensor, Tensor]] = []
+    norms, counts = local.norms.clone(), local.counts.clone()
     for red in reductions:
-        everything = red.indices == list(range(n))
-        idx = None if everything else _to_device(red.indices, torch.int64, device)
-        sub_norms = finite if idx is None else finite.index_select(0, idx)
-        sub_counts = counts[_SENT_ROWS, :n] if idx is None else counts[_SENT_ROWS, idx]
-        if all(red.contributes):
-            mine = _without_nan(local_total) if everything else _norm_of_norms(sub_norms, norm_type)
-        else:
-            mask = _to_device(red.contributes, torch.bool, device)
-            sub_norms = torch.where(mask, sub_norms, 0.0)
-            sub_counts = torch.where(mask, sub_counts, 0)
-            mine = _norm_of_norms(sub_norms, norm_type)
-        total, red_counts, red_norms = _all_reduce(
-            red, mine, sub_norms, sub_counts, norm_type, per_tensor
-        )
-        parts.append(total)
-        part_counts.append(red_counts.sum(dim=1))
+        idx = None if red.indices == list(range(n)) else _to_device(red.indices, torch.int64, norms)
+        total, red_counts, red_norms = _reduce(red, local, idx, norm_type, per_tensor)
+        parts.append((total, red_counts.sum(dim=1)))
         if idx is None:
-            out_norms.copy_(red_norms)
-            out_counts[_SENT_ROWS, :n] = red_counts
+            norms.copy_(red_norms)
+            counts[_SENT_ROWS, :n] = red_counts
         else:
-            out_norms.index_copy_(0, idx, red_norms.to(dtype))
-            out_counts[:, idx] = torch.cat([red_counts, red_counts.sum(0, keepdim=True)])
-
+            norms.index_copy_(0, idx, red_norms.to(norms.dtype))
+            counts[_SENT_ROWS, idx] = red_counts
     if replicated and not reductions:
-        parts.append(_without_nan(local_total))
-        part_counts.append(counts[_SENT_ROWS, -1])
+        parts.append((local.total, local.counts[_SENT_ROWS, -1]))
     elif replicated:
-        idx = _to_device(replicated, torch.int64, device)
-        parts.append(_norm_of_norms(finite.index_select(0, idx), norm_type))
-        part_counts.append(counts[_SENT_ROWS, idx].sum(dim=1))
+        idx = _to_device(replicated, torch.int64, norms)
+        part = _norm_of_norms(local.finite_norms.index_select(0, idx), norm_type)
+        parts.append((part, local.counts[_SENT_ROWS, idx].sum(dim=1)))
 
-    total = _norm_of_norms(torch.stack(parts), norm_type) if parts else local_total.double()
-    total_counts = sum(part_counts) if part_counts else counts[_SENT_ROWS, -1]
+    if parts:
+        total = _norm_of_norms(torch.stack([norm for norm, _ in parts]), norm_type)
+        total_counts = torch.stack([count for _, count in parts]).sum(dim=0)
+    else:
+        total, total_counts = local.total, local.counts[_SENT_ROWS, -1]
     if process_group is not None:
         total, total_counts = _all_reduce_totals(process_group, total, total_counts, norm_type)
-    return _finish(
-        total,
-        total_counts,
-        out_norms,
-        out_counts,
-        dtype,
-        norm_type,
-        max_norm,
-        on_nonfinite,
-        per_tensor,
-    )
+    counts[_SENT_ROWS, -1] = total_counts
+    counts[NONFINITE_ROW] = counts[NAN_ROW] + counts[INF_ROW]
+
+    if on_nonfinite != "zero":
+        total = _as_reported(total, counts[:, -1])
+        norms = _as_reported(norms, counts[:, :-1])
+    total_norm = total.to(local.norms.dtype)
+    # The kernels' formula (csrc/stats.h clip_coefficient), in the norm's dtype.
+    coef = torch.clamp(torch.reciprocal(total_norm + CLIP_EPS) * max_norm, max=1.0)
+    if on_nonfinite == "skip":
+        coef = torch.where(counts[NONFINITE_ROW, -1] > 0, torch.ones_like(coef), coef)
+    return GradStats(total_norm, coef, norms if per_tensor else None, counts, norm_type)
+
+
+def _local_stats(
+    shards: list[Tensor], norm_type: float, on_nonfinite: str, process_group: ProcessGroup | None
+) -> _Local:
+    if shards:
+        st = compute_local(shards, norm_type, math.inf, on_nonfinite)
+        norms, counts, total = st.norms, st.counts, st.total_norm
+    else:
+        device = _group_device(process_group)
+        norms = torch.zeros(0, dtype=torch.float32, device=device)
+        counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    return _Local(norms, counts, _without_nan(total), _without_nan(norms))
 
 
 def _meshes(items: list[Tensor]) -> list[DeviceMesh]:
@@ -281,41 +287,48 @@ def _mesh_groups(
     return tuple(mesh.get_group(d) for d in dims), slot, size, tuple(dims)
 
 
-def _all_reduce(
-    red: _Reduction,
-    mine: Tensor,
-    norms: Tensor,
-    counts: Tensor,
-    norm_type: float,
-    per_tensor: bool,
+def _reduce(
+    red: _Reduction, local: _Local, idx: Tensor | None, norm_type: float, per_tensor: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One SUM all-reduce of [slots | NaN and Inf counts | per-tensor norm^p] (a MAX one more for
-    per-tensor inf norms). Returns the total (float64), counts [2, k] and per-tensor norms [k]."""
+    """The global statistics of red's DTensors: total (float64), NaN and Inf counts [2, k] and
+    per-tensor norms [k] (float64).
+
+    One SUM all-reduce of [slots | counts | per-tensor norm^p], and a MAX one for per-tensor inf
+    norms. This rank's part is the p-norm of the tensors it counts, written in its own slot.
+    """
+    n = local.norms.numel()
+    norms = local.finite_norms if idx is None else local.finite_norms.index_select(0, idx)
+    counts = local.counts[_SENT_ROWS, :n] if idx is None else local.counts[_SENT_ROWS, idx]
+    if not all(red.contributes):
+        mask = _to_device(red.contributes, torch.bool, norms)
+        norms = torch.where(mask, norms, 0.0)
+        counts = torch.where(mask, counts, 0)
+    # The kernel's own total is exact; recombining per-tensor norms rounds each to their dtype.
+    mine = local.total if idx is None and all(red.contributes) else _norm_of_norms(norms, norm_type)
+
     k = norms.numel()
     sums_per_tensor = per_tensor and not math.isinf(norm_type)
+    count_end = red.size + _NUM_SENT * k
     buffer = torch.zeros(
-        red.size + _NUM_SENT * k + (k if sums_per_tensor else 0),
-        dtype=torch.float64,
-        device=norms.device,
+        count_end + (k if sums_per_tensor else 0), dtype=torch.float64, device=norms.device
     )
     buffer[red.slot] = mine
-    count_end = red.size + _NUM_SENT * k
     buffer[red.size : count_end] = counts.reshape(-1)
     if sums_per_tensor:
         buffer[count_end:] = norms.pow(norm_type)
     for group in red.groups:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+
     total = _norm_of_norms(buffer[: red.size], norm_type)
     reduced_counts = buffer[red.size : count_end].reshape(_NUM_SENT, k).to(torch.int64)
     if sums_per_tensor:
-        reduced_norms = buffer[count_end:].pow(1.0 / norm_type)
-    elif per_tensor:
-        reduced_norms = norms.clone()
+        return total, reduced_counts, buffer[count_end:].pow(1.0 / norm_type)
+    if per_tensor:
+        maxima = norms.clone()
         for group in red.groups:
-            dist.all_reduce(reduced_norms, op=dist.ReduceOp.MAX, group=group)
-    else:
-        reduced_norms = norms
-    return total, reduced_counts, reduced_norms
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        return total, reduced_counts, maxima
+    return total, reduced_counts, norms
 
 
 def _all_reduce_totals(
@@ -330,36 +343,11 @@ def _all_reduce_totals(
     return _norm_of_norms(buffer[:size], norm_type), buffer[size:].to(torch.int64)
 
 
-def _finish(
-    total: Tensor,
-    counts: Tensor,
-    norms: Tensor,
-    per_tensor_counts: Tensor,
-    dtype: torch.dtype,
-    norm_type: float,
-    max_norm: float,
-    on_nonfinite: str,
-    per_tensor: bool,
-) -> GradStats:
-    """NaN/Inf as the kernels report them, the clip coefficient as they compute it
-    (csrc/stats.h clip_coefficient), in the norm's dtype."""
-    out = per_tensor_counts
-    out[NONFINITE_ROW] = out[NAN_ROW] + out[INF_ROW]
-    out[_SENT_ROWS, -1] = counts
-    out[NONFINITE_ROW, -1] = counts.sum()
-    nan, inf = counts[0] > 0, counts[1] > 0
-    if on_nonfinite != "zero":
-        total = torch.where(nan, math.nan, torch.where(inf, math.inf, total))
-        norms = torch.where(
-            out[NAN_ROW, :-1] > 0,
-            math.nan,
-            torch.where(out[INF_ROW, :-1] > 0, math.inf, norms),
-        )
-    total_norm = total.to(dtype)
-    coef = torch.clamp(torch.reciprocal(total_norm + CLIP_EPS) * max_norm, max=1.0)
-    if on_nonfinite == "skip":
-        coef = torch.where(out[NONFINITE_ROW, -1] > 0, torch.ones_like(coef), coef)
-    return GradStats(total_norm, coef, norms.to(dtype) if per_tensor else None, out, norm_type)
+def _as_reported(norms: Tensor, counts: Tensor) -> Tensor:
+    """NaN where counts (rows NaN, Inf, ...) hold a NaN, else Inf where they hold an Inf, as the
+    kernels report norms unless on_nonfinite="zero"."""
+    nan, inf = counts[NAN_ROW] > 0, counts[INF_ROW] > 0
+    return torch.where(nan, math.nan, torch.where(inf, math.inf, norms))
 
 
 def _norm_of_norms(values: Tensor, norm_type: float) -> Tensor:
@@ -382,12 +370,12 @@ def _without_nan(norms: Tensor) -> Tensor:
     return torch.where(torch.isnan(wide), 0.0, wide)
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host list as a tensor on `device`, copied without waiting for the device."""
+def _to_device(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """A small host list as a tensor on like's device, copied without waiting for the device."""
     host = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
+    if like.device.type == "cpu":
         return host
-    return host.pin_memory().to(device, non_blocking=True)
+    return host.pin_memory().to(like.device, non_blocking=True)
 
 
 def _group_device(process_group: ProcessGroup | None) -> torch.device:

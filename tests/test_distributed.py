@@ -41,6 +41,8 @@ RUN_TIMEOUT_S = 150
 NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
 # Below the norms of the test gradients (about 10), so that clipping happens.
 MAX_NORM = 0.5
+# float64 gradients this large have norm^2 beyond float64: summing norm^p over ranks would overflow.
+HUGE = 1e200
 SEED = 0
 # At least one dimension each (Shard(0) needs one); dimensions below 4 leave some ranks an empty
 # shard, and the last two shapes have a second dimension to shard.
@@ -113,6 +115,10 @@ def run_split(rank: int, world: int, calls: list[int]) -> dict:
         out[key(p)]["get_total_norm"] = gradstats.get_total_norm(
             mine, p, process_group=dist.group.WORLD
         )
+        huge = [t.double() * HUGE for t in mine]
+        out[key(p)]["huge"] = gradstats.get_total_norm(huge, p, process_group=dist.group.WORLD)
+    st = gradstats.grad_stats(mine, per_tensor=False, process_group=dist.group.WORLD)
+    out["without_norms"] = st.norms
     return out
 
 
@@ -160,6 +166,16 @@ def run_nonfinite(rank: int, world: int, calls: list[int]) -> dict:
     params = grads_of(poisoned_slices(world, rank))
     norm = gradstats.clip_grad_norm_(params, MAX_NORM, on_nonfinite="skip", process_group=group)
     out = {"stats": stats_record(st), "skip_norm": norm, "skip_grads": [p.grad for p in params]}
+    params = grads_of(poisoned_slices(world, rank))
+    norm = gradstats.clip_grad_norm_(params, MAX_NORM, on_nonfinite="zero", process_group=group)
+    out["zero_norm"], out["zero_grads"] = norm, [p.grad for p in params]
+    params = grads_of(poisoned_slices(world, rank))
+    try:
+        gradstats.clip_grad_norm_(params, MAX_NORM, error_if_nonfinite=True, process_group=group)
+        out["error"] = "no error"
+    except RuntimeError as err:
+        out["error"] = str(err)
+    out["error_grads"] = [p.grad for p in params]
     for fused in (False, True):
         params = grads_of(slices(world, rank))
         inner = torch.optim.AdamW(params, lr=LR, fused=fused)
@@ -475,6 +491,44 @@ def test_nonfinite_on_one_rank_is_seen_by_all(ranks):
                 assert torch.equal(before, after), f"{what} fused={fused}: the step was taken"
     for fused in (False, True):
         assert_identical([res["nonfinite"][f"fused={fused}"]["coef"] for res in ranks], "coef")
+
+
+def test_huge_float64_norms_do_not_overflow(ranks):
+    full = [t.double() * HUGE for t in full_tensors()]
+    for p in NORM_TYPES:
+        expected = float(single(full, p).total_norm)
+        assert expected > math.sqrt(torch.finfo(torch.float64).max)
+        for res in ranks:
+            got = float(res["split"][key(p)]["huge"])
+            assert_close_rel(got, expected, NORM_RTOL[torch.float64], f"p={p}")
+
+
+def test_per_tensor_false_leaves_norms_out(ranks):
+    for res in ranks:
+        assert res["split"]["without_norms"] is None
+
+
+def test_nonfinite_zero_and_error_policies(ranks):
+    world = len(ranks)
+    pieces = [poisoned_slices(world, rank) for rank in range(world)]
+    whole = [torch.cat(parts) for parts in zip(*pieces)]
+    oracle = reference_stats(whole, 2.0, MAX_NORM, on_nonfinite="zero")
+    for rank, res in enumerate(ranks):
+        rec = res["nonfinite"]
+        # "zero": the finite elements' global norm, NaN/Inf set to 0 and the rest clipped.
+        assert_close_rel(float(rec["zero_norm"]), oracle.total_norm, TOTAL_RTOL, f"rank {rank}")
+        for got, piece in zip(rec["zero_grads"], pieces[rank]):
+            want = reference_clipped(piece, oracle.clip_coef, zero_nonfinite=True)
+            torch.testing.assert_close(got.double(), want, rtol=TOTAL_RTOL, atol=0)
+        # "error": every rank raises, finite part or not, and leaves its gradients as they were.
+        # Each rank names its own tensors and counts the others' elements.
+        nan_here, inf_here = rank == world - 1, rank == 0
+        assert ("): 1 NaN, 0 Inf" in rec["error"]) == nan_here, rec["error"]
+        assert ("): 0 NaN, 1 Inf" in rec["error"]) == inf_here, rec["error"]
+        elsewhere = 2 - nan_here - inf_here
+        assert f"and {elsewhere} NaN/Inf elements in the gradients of other ranks" in rec["error"]
+        for got, piece in zip(rec["error_grads"], pieces[rank]):
+            assert torch.equal(got.nan_to_num(), piece.nan_to_num())
 
 
 def test_dtensor_shard_and_replicate(ranks):
