@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -648,6 +651,41 @@ def test_comparisons_can_fail(ranks):
     coef = ranks[0]["split"][key(2.0)]["coef"]
     with pytest.raises(AssertionError):
         assert_identical([coef, torch.nextafter(coef, torch.zeros_like(coef))], "coef")
+
+
+def test_fsdp2_example_runs_under_torchrun():
+    """examples/fsdp2_train.py as the README runs it: torchrun, 2 CPU processes, gloo."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    command += [str(root / "examples" / "fsdp2_train.py"), "--steps", "12"]
+    # Its own session, so that a hang can be ended with torchrun's workers.
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the example did not finish within {RUN_TIMEOUT_S} s:\n{output}")
+    assert proc.returncode == 0, output
+    assert "done: 1 skipped step(s), the same on all 2 ranks" in output, output
 
 
 def test_process_group_needs_init():
