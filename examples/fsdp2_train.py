@@ -102,6 +102,7 @@ def main() -> None:
         raise RuntimeError(f"ranks disagree: {lowest.tolist()} vs {highest.tolist()}")
     if rank == 0:
         print(f"done: {int(opt.skipped_steps)} skipped step(s), the same on all {world} ranks")
+    dist.barrier()  # no rank tears down its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -26,7 +26,7 @@ per distinct set of reducing process groups (one for FSDP2, HSDP, ZeRO slices, a
 parallel on a mesh over all ranks), one more over ``process_group`` when DTensors are combined with
 it, one more (MAX) for the per-tensor inf norms of sharded tensors, and one per ``Partial``
 gradient. On gloo (CPU) the calling thread takes part in each collective; on NCCL they are queued
-on the device like any kernel.
+on the device like any kernel (unless TORCH_NCCL_BLOCKING_WAIT=1 makes the host wait).
 
 Numerics. Each rank writes the p-norm of its part into its own slot of the float64 buffer, zeros
 elsewhere, so the SUM all-reduce gathers them exactly (x + 0 is x) and every rank combines the same
@@ -36,7 +36,9 @@ the largest, so no power overflows or underflows whatever the norm or p. Counts 
 (float64 holds integers up to 2^53). Per-tensor norms of a tensor sharded over ranks are summed as
 norm^p in float64: exact for norms in about [2^(-1022/p), 2^(1023/p)] (1e-154 to 1e154 for p = 2);
 beyond that, possible only for float64 gradients or large p, such a per-tensor norm reads 0 or Inf
-while the total norm and the clip coefficient stay right.
+while the total norm and the clip coefficient stay right. The norms come back in the local norm
+dtype (float32, or float64 where a local gradient is float64): ranks whose gradients differ in that
+respect (float64 parameters on some ranks only) compute the coefficient in different dtypes.
 """
 
 from __future__ import annotations
