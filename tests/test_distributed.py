@@ -274,6 +274,11 @@ def run_mesh2d(rank: int, world: int, calls: list[int]) -> dict:
         p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params
     ]
 
+    # HSDP: replicated over "dp", sharded over "tp": one all-reduce, over the sharding dimension.
+    hsdp = [distribute(t, mesh, (Replicate(), Shard(0))) for t in full]
+    calls[0] = 0
+    out["hsdp"] = stats_record(gradstats.grad_stats(hsdp, 2.0, MAX_NORM), calls[0])
+
     stages = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
     stage = stages.get_coordinate()[0]
     mine = [distribute(t, stages["dp"], [Shard(0)]) for i, t in enumerate(full) if i % 2 == stage]
@@ -616,6 +621,18 @@ def test_mesh_2d_several_meshes_and_plain(ranks):
     for res in ranks:
         for got, t in zip(res["mesh2d"]["clipped"], full):
             torch.testing.assert_close(got.double(), reference_clipped(t, coef))
+
+
+def test_hsdp_reduces_over_the_shard_dimension_only(ranks):
+    if len(ranks) != 4:
+        pytest.skip("the 2x2 mesh needs 4 ranks")
+    expected = single(full_tensors())
+    for rank, res in enumerate(ranks):
+        rec = res["mesh2d"]["hsdp"]
+        assert_totals(rec, expected, f"rank {rank}")
+        assert_per_tensor(rec, expected, f"rank {rank}")
+        assert rec["collectives"] == 1
+    assert_identical([res["mesh2d"]["hsdp"]["coef"] for res in ranks], "hsdp coef")
 
 
 def test_pipeline_stages(ranks):
