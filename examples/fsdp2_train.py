@@ -9,7 +9,7 @@ The gradients are DTensors sharded over the ranks. ClipGradOptimizer sees that b
 combines the statistics of the local shards in one all-reduce over the mesh: every rank gets the
 global norm and clips by the same coefficient, and the fused AdamW takes that coefficient and the
 skip flag on the device, with no host sync. One step's batch holds a NaN on the last rank only:
-the step is skipped on every rank, and training carries on.
+the step is skipped on every rank, and training carries on. Needs torch >= 2.6 (FSDP2).
 """
 
 from __future__ import annotations
