@@ -5,15 +5,20 @@ Same signatures and return conventions as torch (2.6+). Differences, on purpose:
   gradients, so it cannot overflow; the gradients are then clipped, where torch zeroes them;
 - when nothing needs clipping (coefficient >= 1) the gradients are not touched at all;
 - `foreach` is accepted and ignored: one fused launch per device covers every dtype;
-- keyword-only `on_nonfinite` chooses what NaN/Inf gradients do.
+- keyword-only `on_nonfinite` chooses what NaN/Inf gradients do;
+- DTensor gradients (FSDP2, tensor parallel) give the global norm by themselves, and keyword-only
+  `process_group` makes it global over gradients split across ranks (gradstats.distributed).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gradstats import ops
+from gradstats.distributed import local_tensors
 from gradstats.stats import (
     CLIP_EPS,
     NONFINITE_ROW,
@@ -25,6 +30,9 @@ from gradstats.stats import (
     collect_grads,
     compute,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 ON_NONFINITE = ("propagate", "skip", "zero", "error")
 _NAMED_AT_MOST = 10
@@ -38,7 +46,8 @@ def check_on_nonfinite(on_nonfinite: str) -> str:
 
 def nonfinite_report(st: GradStats, tensors: list[Tensor], names=None) -> str:
     """Lines naming the tensors that hold NaN/Inf with their counts (syncs: only for errors)."""
-    counts = st.counts[:, :-1].cpu()
+    all_counts = st.counts.cpu()
+    counts = all_counts[:, :-1]
     bad = torch.nonzero(counts[NONFINITE_ROW]).flatten().tolist()
     lines = [f"{len(bad)} of {len(tensors)} tensors hold NaN or Inf:"]
     for i in bad[:_NAMED_AT_MOST]:
@@ -50,6 +59,10 @@ def nonfinite_report(st: GradStats, tensors: list[Tensor], names=None) -> str:
         )
     if len(bad) > _NAMED_AT_MOST:
         lines.append(f"  ... and {len(bad) - _NAMED_AT_MOST} more")
+    # With a process_group the totals are global but plain tensors' counts are this rank's.
+    elsewhere = int(all_counts[NONFINITE_ROW, -1]) - int(counts[NONFINITE_ROW].sum())
+    if elsewhere > 0:
+        lines.append(f"  and {elsewhere} NaN/Inf elements in the gradients of other ranks")
     return "\n".join(lines)
 
 
@@ -70,8 +83,9 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
     """Scales the tensors by coef in place, one fused launch per device.
 
     With zero_counts (per-tensor non-finite counts), the NaN/Inf elements of the tensors that hold
-    any are set to 0.
+    any are set to 0. DTensors are scaled through their local shards.
     """
+    tensors = local_tensors(tensors)
     groups = ops.device_groups(tensors)
     if len(groups) == 1 and zero_counts is None and _nothing_to_clip_on_cpu(coef):
         return
@@ -98,6 +112,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     on_nonfinite: str = "propagate",
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Clips the gradient norm of an iterable of parameters in place; returns the total norm.
 
@@ -105,15 +120,20 @@ def clip_grad_norm_(
     (gradients left untouched when anything is non-finite), "zero" (NaN/Inf elements set to 0, the
     rest clipped by the norm of the finite values), "error" (raise naming the offending tensors,
     gradients untouched). error_if_nonfinite=True is "error".
+
+    process_group: the ranks over which the gradients are split (ZeRO-style slices, parameters
+    split across ranks); every rank gets the global norm and clips by the same coefficient, and a
+    NaN on any rank is seen by all. Not needed for DTensor (FSDP2) or replicated (DDP) gradients.
     """
     del foreach  # one fused launch per device replaces torch's foreach kernels
     policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
     p = check_norm_type(norm_type)
     limit = check_max_norm(max_norm)
     grads = collect_grads(parameters)
-    if not grads:
+    if not grads and process_group is None:
         return torch.tensor(0.0)
-    st = compute(grads, p, limit, "propagate" if policy == "error" else policy)
+    kernel_policy = "propagate" if policy == "error" else policy
+    st = compute(grads, p, limit, kernel_policy, process_group, per_tensor=False)
     if policy == "error":
         raise_if_nonfinite(st, grads, p)
     apply_clip(grads, st.clip_coef, st.nonfinite if policy == "zero" else None)
@@ -125,14 +145,19 @@ def get_total_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
-    """The norm of all the given tensors (e.g. gradients) together, as one vector."""
+    """The norm of all the given tensors (e.g. gradients) together, as one vector.
+
+    With process_group (or DTensors), the norm of the tensors of every rank together.
+    """
     del foreach
     p = check_norm_type(norm_type)
     items = [t.detach() for t in as_tensor_list(tensors)]
-    if not items:
+    if not items and process_group is None:
         return torch.tensor(0.0)
-    st = compute(items, p, float("inf"), "propagate")
+    st = compute(items, p, float("inf"), "propagate", process_group, per_tensor=False)
     if error_if_nonfinite:
         raise_if_nonfinite(st, items, p)
     return st.total_norm
@@ -144,7 +169,11 @@ def clip_grads_with_norm_(
     total_norm: Tensor,
     foreach: bool | None = None,
 ) -> None:
-    """Scales the gradients by min(1, max_norm / (total_norm + 1e-6)), a norm computed earlier."""
+    """Scales the gradients by min(1, max_norm / (total_norm + 1e-6)), a norm computed earlier.
+
+    Takes no process_group: a total_norm from get_total_norm(..., process_group=...) is already
+    global, and each rank scales its own part (DTensors: their local shards).
+    """
     del foreach
     limit = check_max_norm(max_norm)
     grads = collect_grads(parameters)

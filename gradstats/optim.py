@@ -28,14 +28,18 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from gradstats.clip import apply_clip, check_on_nonfinite, nonfinite_report
+from gradstats.distributed import check_process_group, local_tensors
 from gradstats.stats import CLIP_EPS, GradStats, check_max_norm, check_norm_type, compute
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # The one top-level key that ClipGradOptimizer.state_dict() adds to the wrapped optimizer's.
 STATE_KEY = "gradstats_clip"
@@ -246,6 +250,10 @@ class ClipGradOptimizer(Optimizer):
         monitor: called after the statistics of every step as
             `monitor.step(stats=stats, params=params)`, with the step's GradStats and the
             parameters with gradients in the same order as the statistics' tensors.
+        process_group: the ranks over which the gradients are split (ZeRO-style slices,
+            parameters split across ranks): the norm, the clip coefficient and the skip decision
+            are global, the same on every rank. Not needed for DTensor (FSDP2, tensor parallel)
+            or replicated (DDP) gradients; see gradstats.distributed.
 
     Attributes:
         last_stats: the GradStats of the last step (norms of the unscaled gradients; clip_coef is
@@ -265,6 +273,8 @@ class ClipGradOptimizer(Optimizer):
         on_nonfinite: str = "skip",
         max_consecutive_nonfinite: int | None = None,
         monitor: StepMonitor | None = None,
+        *,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -298,6 +308,8 @@ class ClipGradOptimizer(Optimizer):
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.monitor = monitor
+        check_process_group(process_group)
+        self.process_group = process_group
         self.last_stats: GradStats | None = None
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._consecutive = torch.zeros((), dtype=torch.int64)
@@ -426,7 +438,8 @@ class ClipGradOptimizer(Optimizer):
 
     def _clip_and_step(self) -> None:
         params = self._params_with_grads()
-        if not params:
+        # A rank without gradients still takes part in the process group's collective.
+        if not params and self.process_group is None:
             self.optimizer.step()
             return
         grads = [p.grad for p in params]
@@ -441,7 +454,8 @@ class ClipGradOptimizer(Optimizer):
 
         max_norm = self._max_norm if loss_scale is None else math.inf
         kernel_policy = "propagate" if policy == "error" else policy
-        raw = compute(grads, self.norm_type, max_norm, kernel_policy)
+        raw = compute(grads, self.norm_type, max_norm, kernel_policy, self.process_group)
+        grads = local_tensors(grads)
         device = raw.total_norm.device
         self._to_device(device)
         stats, threshold = self._effective_stats(raw, loss_scale, policy)

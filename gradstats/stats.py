@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
 
 from gradstats import ops
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
@@ -129,6 +132,30 @@ def check_max_norm(max_norm: float | Tensor) -> float:
 
 
 def compute(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    max_norm: float,
+    on_nonfinite: str,
+    process_group: ProcessGroup | None = None,
+    per_tensor: bool = True,
+) -> GradStats:
+    """The statistics of the tensors; global over the ranks for DTensors and with a process_group
+    (gradstats.distributed, which leaves the per-tensor norms out when per_tensor is False)."""
+    if process_group is not None or _distributed_active():
+        # Imported here, not at the top: gradstats.distributed builds on this module.
+        from gradstats import distributed
+
+        return distributed.global_stats(
+            tensors, norm_type, max_norm, on_nonfinite, process_group, per_tensor
+        )
+    return compute_local(tensors, norm_type, max_norm, on_nonfinite)
+
+
+def _distributed_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def compute_local(
     tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str
 ) -> GradStats:
     """Runs the fused op once per device and combines the devices (a single call for one device)."""
@@ -169,17 +196,24 @@ def grad_stats(
     norm_type: float | str = 2.0,
     max_norm: float | None = None,
     per_tensor: bool = True,
+    *,
+    process_group: ProcessGroup | None = None,
 ) -> GradStats:
     """Norms, NaN/Inf counts and (with max_norm) the clip coefficient, from one fused pass.
 
     Parameters contribute their .grad (and are skipped without one); other tensors are read as
     they are. Nothing is synchronised: every field is a tensor on the gradients' device.
+
+    DTensor gradients (FSDP2, tensor parallel) give global statistics by themselves; with
+    process_group, the tensors are this rank's part of gradients split over its ranks (ZeRO-style
+    slices, parameters split across ranks) and the totals are global, identical on every rank.
+    Replicated (DDP) gradients need neither. See gradstats.distributed.
     """
     items = as_tensor_list(parameters_or_tensors)
     tensors = [g for g in map(_grad_or_self, items) if g is not None]
     p = check_norm_type(norm_type)
     limit = math.inf if max_norm is None else check_max_norm(max_norm)
-    if not tensors:
+    if not tensors and process_group is None:
         zero = torch.zeros(())
         return GradStats(
             zero,
@@ -188,7 +222,7 @@ def grad_stats(
             torch.zeros(3, 1, dtype=torch.int64),
             p,
         )
-    st = compute(tensors, p, limit, "propagate")
+    st = compute(tensors, p, limit, "propagate", process_group, per_tensor)
     return GradStats(
         st.total_norm,
         None if max_norm is None else st.clip_coef,

@@ -1,0 +1,390 @@
+"""Global gradient statistics over torch.distributed: DTensors, sharded and split gradients.
+
+How the gradients can be spread over the ranks, and what gradstats does with each layout:
+
+- Replicated (DDP, or any data parallelism that all-reduces the gradients before the step): every
+  rank holds the same full gradients, so the local statistics are the global ones. Nothing to
+  pass, no collective.
+- DTensor gradients (FSDP2 ``fully_shard``, tensor parallel): found automatically. The statistics
+  are taken on the local shards and summed over the mesh dimensions where a gradient is ``Shard``;
+  along a ``Replicate`` dimension only the rank at coordinate 0 counts its copy, so replicas are
+  counted once. A ``Partial`` gradient is first summed over its ``Partial`` dimensions
+  (``redistribute`` to ``Replicate``: one all-reduce of that gradient), since the norm of a sum is
+  not the sum of the norms; clipping then scales the local summands, which scales their sum by the
+  same factor. Gradients on several meshes are grouped by mesh. Every rank of a mesh must pass the
+  same DTensors in the same order, as FSDP2 and tensor parallelism give them. Plain tensors passed
+  alongside DTensors are taken as replicated.
+- Plain tensors that differ between ranks (ZeRO-style slices, parameters split across ranks,
+  pipeline stages): pass ``process_group``, the ranks whose parts make up the whole. The totals
+  (norm, NaN/Inf counts, clip coefficient) are global; the per-tensor statistics of plain tensors
+  stay those of the local tensor, since ranks may hold different tensors. DTensors may be combined
+  with a ``process_group`` (pipeline stages of an FSDP2 model) as long as it shares no rank but
+  this one with their meshes; anything else would count them twice and raises.
+
+Collectives, all on the gradients' device, none waiting on the host: one all-reduce (SUM, float64)
+per distinct set of reducing process groups (one for FSDP2, HSDP, ZeRO slices, and FSDP2 + tensor
+parallel on a mesh over all ranks), one more over ``process_group`` when DTensors are combined with
+it, one more (MAX) for the per-tensor inf norms of sharded tensors, and one per ``Partial``
+gradient. On gloo (CPU) the calling thread takes part in each collective; on NCCL they are queued
+on the device like any kernel (unless TORCH_NCCL_BLOCKING_WAIT=1 makes the host wait).
+
+Numerics. Each rank writes the p-norm of its part into its own slot of the float64 buffer, zeros
+elsewhere, so the SUM all-reduce gathers them exactly (x + 0 is x) and every rank combines the same
+values in the same order: the total norm and the clip coefficient are bitwise identical on every
+rank and from run to run, whatever order the collective adds in. The norms are combined scaled by
+the largest, so no power overflows or underflows whatever the norm or p. Counts are summed exactly
+(float64 holds integers up to 2^53). Per-tensor norms of a tensor sharded over ranks are summed as
+norm^p in float64: exact for norms in about [2^(-1022/p), 2^(1023/p)] (1e-154 to 1e154 for p = 2);
+beyond that, possible only for float64 gradients or large p, such a per-tensor norm reads 0 or Inf
+while the total norm and the clip coefficient stay right. The norms come back in the local norm
+dtype (float32, or float64 where a local gradient is float64): ranks whose gradients differ in that
+respect (float64 parameters on some ranks only) compute the coefficient in different dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradstats.stats import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats, compute_local
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
+if dist.is_available():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # torch < 2.5 kept DTensor private
+        from torch.distributed._tensor import DTensor, Replicate
+
+# The buffer carries the NaN and Inf rows of the counts (adjacent in GradStats.counts); the
+# NaN + Inf row is their sum. A slice, not a list: indexing with a list would copy it to the device.
+_SENT_ROWS = slice(NAN_ROW, INF_ROW + 1)
+_NUM_SENT = INF_ROW + 1 - NAN_ROW
+
+
+def is_active() -> bool:
+    """Whether torch.distributed is initialised (no DTensor or process group exists before)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shard of each DTensor, other tensors as they are: what clipping scales in place."""
+    if not is_active():
+        return tensors
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def check_process_group(process_group: ProcessGroup | None) -> None:
+    """Raises when process_group is given but cannot be used by this rank."""
+    if process_group is None:
+        return
+    if not is_active():
+        raise RuntimeError(
+            "gradstats: process_group was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "gradstats: process_group must be a torch.distributed.ProcessGroup (for a DeviceMesh "
+            f"dimension: mesh.get_group(dim)); got {type(process_group).__name__}"
+        )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"gradstats: rank {dist.get_rank()} is not a member of the process_group "
+            f"{dist.get_process_group_ranks(process_group)}"
+        )
+
+
+@dataclass
+class _Reduction:
+    """DTensors reduced together: one all-reduce over each of `groups` in turn, which together span
+    `size` ranks, this rank writing its part at `slot`."""
+
+    groups: tuple[ProcessGroup, ...]
+    slot: int
+    size: int
+    indices: list[int] = field(default_factory=list)
+    # False where this rank holds a Replicate copy that the rank at coordinate 0 counts.
+    contributes: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class _Local:
+    """This rank's statistics of its tensors (local shards of DTensors)."""
+
+    norms: Tensor  # per tensor, in the norm dtype
+    counts: Tensor  # int64 [3, n + 1], totals in the last column
+    total: Tensor  # float64, NaN as 0
+    finite_norms: Tensor  # float64 per tensor, NaN as 0
+
+
+def global_stats(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    max_norm: float,
+    on_nonfinite: str,
+    process_group: ProcessGroup | None,
+    per_tensor: bool,
+) -> GradStats:
+    """The statistics of the whole gradients that these tensors (DTensors, or plain parts over
+    process_group) are this rank's share of, identical on every rank. See the module docstring.
+
+    The norms come back in the dtype of the local gradients (float32 on a rank without any).
+    """
+    check_process_group(process_group)
+    items = list(tensors)
+    meshes = _meshes(items) if is_active() else []
+    if not meshes and process_group is None:
+        return compute_local(items, norm_type, max_norm, on_nonfinite)
+    if process_group is not None:
+        _check_disjoint(process_group, meshes)
+    items = [_summed(t) for t in items]
+    reductions, replicated = _layout(items)
+    local = _local_stats(local_tensors(items), norm_type, on_nonfinite, process_group)
+    n = local.norms.numel()
+
+    # This rank's share as disjoint parts, (p-norm in float64, NaN and Inf counts) each; the
+    # per-tensor statistics of reduced DTensors replaced by their global ones.
+    parts: list[tuple[Tensor, Tensor]] = []
+    norms, counts = local.norms.clone(), local.counts.clone()
+    for red in reductions:
+        idx = None if red.indices == list(range(n)) else _to_device(red.indices, torch.int64, norms)
+        total, red_counts, red_norms = _reduce(red, local, idx, norm_type, per_tensor)
+        parts.append((total, red_counts.sum(dim=1)))
+        if idx is None:
+            norms.copy_(red_norms)
+            counts[_SENT_ROWS, :n] = red_counts
+        else:
+            norms.index_copy_(0, idx, red_norms.to(norms.dtype))
+            counts[_SENT_ROWS, idx] = red_counts
+    if replicated and not reductions:
+        parts.append((local.total, local.counts[_SENT_ROWS, -1]))
+    elif replicated:
+        idx = _to_device(replicated, torch.int64, norms)
+        part = _norm_of_norms(local.finite_norms.index_select(0, idx), norm_type)
+        parts.append((part, local.counts[_SENT_ROWS, idx].sum(dim=1)))
+
+    if parts:
+        total = _norm_of_norms(torch.stack([norm for norm, _ in parts]), norm_type)
+        total_counts = torch.stack([count for _, count in parts]).sum(dim=0)
+    else:
+        total, total_counts = local.total, local.counts[_SENT_ROWS, -1]
+    if process_group is not None:
+        total, total_counts = _all_reduce_totals(process_group, total, total_counts, norm_type)
+    counts[_SENT_ROWS, -1] = total_counts
+    counts[NONFINITE_ROW] = counts[NAN_ROW] + counts[INF_ROW]
+
+    if on_nonfinite != "zero":
+        total = _as_reported(total, counts[:, -1])
+        norms = _as_reported(norms, counts[:, :-1])
+    total_norm = total.to(local.norms.dtype)
+    # The kernels' formula (csrc/stats.h clip_coefficient), in the norm's dtype.
+    coef = torch.clamp(torch.reciprocal(total_norm + CLIP_EPS) * max_norm, max=1.0)
+    if on_nonfinite == "skip":
+        coef = torch.where(counts[NONFINITE_ROW, -1] > 0, torch.ones_like(coef), coef)
+    return GradStats(total_norm, coef, norms if per_tensor else None, counts, norm_type)
+
+
+def _local_stats(
+    shards: list[Tensor], norm_type: float, on_nonfinite: str, process_group: ProcessGroup | None
+) -> _Local:
+    if shards:
+        st = compute_local(shards, norm_type, math.inf, on_nonfinite)
+        norms, counts, total = st.norms, st.counts, st.total_norm
+    else:
+        device = _group_device(process_group)
+        norms = torch.zeros(0, dtype=torch.float32, device=device)
+        counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    return _Local(norms, counts, _without_nan(total), _without_nan(norms))
+
+
+def _meshes(items: list[Tensor]) -> list[DeviceMesh]:
+    """The device meshes of the DTensors among the items, in order of first appearance."""
+    found: dict[DeviceMesh, None] = {}
+    for t in items:
+        if isinstance(t, DTensor):
+            found.setdefault(t.device_mesh)
+    return list(found)
+
+
+def _check_disjoint(process_group: ProcessGroup, meshes: list[DeviceMesh]) -> None:
+    """A process_group that shares ranks with a DTensor's mesh would count that DTensor twice."""
+    group_ranks = set(dist.get_process_group_ranks(process_group))
+    for mesh in meshes:
+        shared = group_ranks & set(mesh.mesh.flatten().tolist())
+        if len(shared) > 1:
+            raise ValueError(
+                f"gradstats: process_group (ranks {sorted(group_ranks)}) shares ranks "
+                f"{sorted(shared)} with the device mesh of DTensor gradients ({mesh}). DTensors "
+                "are reduced over their own mesh already, so this would count them twice. Pass a "
+                "process_group only to combine ranks that hold different gradients (e.g. "
+                "pipeline stages); drop it for FSDP2 or tensor parallel gradients."
+            )
+
+
+def _summed(t: Tensor) -> Tensor:
+    """A Partial DTensor summed over its Partial dimensions (its norm and counts need the values);
+    any other tensor as it is."""
+    if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
+        return t
+    placements = [Replicate() if p.is_partial() else p for p in t.placements]
+    return t.redistribute(t.device_mesh, placements)
+
+
+def _layout(items: list[Tensor]) -> tuple[list[_Reduction], list[int]]:
+    """The reductions the DTensors need, and the positions of the tensors whose local statistics
+    are already global (plain tensors, DTensors replicated over their whole mesh)."""
+    by_mesh: dict[DeviceMesh, list[int]] = {}
+    replicated: list[int] = []
+    for i, t in enumerate(items):
+        if isinstance(t, DTensor):
+            by_mesh.setdefault(t.device_mesh, []).append(i)
+        else:
+            replicated.append(i)
+    reductions: dict[tuple[str, ...], _Reduction] = {}
+    for mesh, indices in by_mesh.items():
+        coordinate = mesh.get_coordinate()
+        if coordinate is None:
+            raise ValueError(f"gradstats: rank {dist.get_rank()} is not in the DTensors' {mesh}")
+        sharded = sorted(
+            {d for i in indices for d, p in enumerate(items[i].placements) if p.is_shard()}
+        )
+        if not sharded:
+            replicated.extend(indices)
+            continue
+        groups, slot, size, covered = _mesh_groups(mesh, sharded)
+        key = tuple(g.group_name for g in groups)
+        red = reductions.setdefault(key, _Reduction(groups, slot, size))
+        for i in indices:
+            placements = items[i].placements
+            red.indices.append(i)
+            red.contributes.append(
+                all(coordinate[d] == 0 for d in covered if placements[d].is_replicate())
+            )
+    return list(reductions.values()), sorted(replicated)
+
+
+def _mesh_groups(
+    mesh: DeviceMesh, dims: list[int]
+) -> tuple[tuple[ProcessGroup, ...], int, int, tuple[int, ...]]:
+    """Process groups spanning the mesh dimensions `dims`, this rank's slot among the ranks they
+    span, their number, and the mesh dimensions they cover.
+
+    One dimension: its group. Several on a mesh over every rank: the world group (one collective,
+    covering every dimension). Otherwise each dimension's group in turn.
+    """
+    if len(dims) > 1 and mesh.size() == dist.get_world_size():
+        world = dist.group.WORLD
+        return (world,), dist.get_rank(), dist.get_world_size(), tuple(range(mesh.ndim))
+    slot, size = 0, 1
+    for d in dims:
+        slot = slot * mesh.size(d) + mesh.get_local_rank(d)
+        size *= mesh.size(d)
+    return tuple(mesh.get_group(d) for d in dims), slot, size, tuple(dims)
+
+
+def _reduce(
+    red: _Reduction, local: _Local, idx: Tensor | None, norm_type: float, per_tensor: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global statistics of red's DTensors: total (float64), NaN and Inf counts [2, k] and
+    per-tensor norms [k] (float64).
+
+    One SUM all-reduce of [slots | counts | per-tensor norm^p], and a MAX one for per-tensor inf
+    norms. This rank's part is the p-norm of the tensors it counts, written in its own slot.
+    """
+    n = local.norms.numel()
+    norms = local.finite_norms if idx is None else local.finite_norms.index_select(0, idx)
+    counts = local.counts[_SENT_ROWS, :n] if idx is None else local.counts[_SENT_ROWS, idx]
+    if not all(red.contributes):
+        mask = _to_device(red.contributes, torch.bool, norms)
+        norms = torch.where(mask, norms, 0.0)
+        counts = torch.where(mask, counts, 0)
+    # The kernel's own total is exact; recombining per-tensor norms rounds each to their dtype.
+    mine = local.total if idx is None and all(red.contributes) else _norm_of_norms(norms, norm_type)
+
+    k = norms.numel()
+    sums_per_tensor = per_tensor and not math.isinf(norm_type)
+    count_end = red.size + _NUM_SENT * k
+    buffer = torch.zeros(
+        count_end + (k if sums_per_tensor else 0), dtype=torch.float64, device=norms.device
+    )
+    buffer[red.slot] = mine
+    buffer[red.size : count_end] = counts.reshape(-1)
+    if sums_per_tensor:
+        buffer[count_end:] = norms.pow(norm_type)
+    for group in red.groups:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+
+    total = _norm_of_norms(buffer[: red.size], norm_type)
+    reduced_counts = buffer[red.size : count_end].reshape(_NUM_SENT, k).to(torch.int64)
+    if sums_per_tensor:
+        return total, reduced_counts, buffer[count_end:].pow(1.0 / norm_type)
+    if per_tensor:
+        maxima = norms.clone()
+        for group in red.groups:
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        return total, reduced_counts, maxima
+    return total, reduced_counts, norms
+
+
+def _all_reduce_totals(
+    process_group: ProcessGroup, total: Tensor, counts: Tensor, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """The totals of every rank of process_group, from this rank's: one SUM all-reduce."""
+    size = dist.get_world_size(process_group)
+    buffer = torch.zeros(size + _NUM_SENT, dtype=torch.float64, device=total.device)
+    buffer[dist.get_rank(process_group)] = total
+    buffer[size:] = counts
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
+    return _norm_of_norms(buffer[:size], norm_type), buffer[size:].to(torch.int64)
+
+
+def _as_reported(norms: Tensor, counts: Tensor) -> Tensor:
+    """NaN where counts (rows NaN, Inf, ...) hold a NaN, else Inf where they hold an Inf, as the
+    kernels report norms unless on_nonfinite="zero"."""
+    nan, inf = counts[NAN_ROW] > 0, counts[INF_ROW] > 0
+    return torch.where(nan, math.nan, torch.where(inf, math.inf, norms))
+
+
+def _norm_of_norms(values: Tensor, norm_type: float) -> Tensor:
+    """The p-norm of the union of disjoint parts, from their p-norms (non-negative float64).
+
+    Scaled by the largest so that no power overflows or underflows; an Inf part gives Inf."""
+    values = values.double()
+    top = values.max()
+    if math.isinf(norm_type):
+        return top
+    scale = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
+    total = (values / scale).pow(norm_type).sum().pow(1.0 / norm_type) * scale
+    return torch.where(torch.isinf(top), top, total)
+
+
+def _without_nan(norms: Tensor) -> Tensor:
+    """float64 norms with NaN as 0: the counts carry the NaN, and a NaN would poison the sums.
+    Inf stays: it is either an Inf element (the counts say so) or a norm beyond the dtype."""
+    wide = norms.double()
+    return torch.where(torch.isnan(wide), 0.0, wide)
+
+
+def _to_device(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """A small host list as a tensor on like's device, copied without waiting for the device."""
+    host = torch.tensor(values, dtype=dtype)
+    if like.device.type == "cpu":
+        return host
+    return host.pin_memory().to(like.device, non_blocking=True)
+
+
+def _group_device(process_group: ProcessGroup | None) -> torch.device:
+    """Where a rank without gradients puts its buffer: the device of the group's backend."""
+    if process_group is not None and dist.get_backend(process_group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
