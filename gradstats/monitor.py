@@ -1,0 +1,1237 @@
+"""GradMonitor: says why NaNs appear (exploding gradients, vanishing gradients, bad input data).
+
+Each monitor.step() copies the per-parameter gradient norms and NaN/Inf counts of one fused pass
+into ring buffers on the device; forward hooks do the same, with the same fused op, for the model's
+inputs and optionally for module outputs (NaN/Inf counts and the largest finite magnitude). Nothing
+is read back to the host until history(), diagnose(), report(), scalars() or plot() is called, so
+watching a run adds no host synchronisation to a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import textwrap
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradstats.stats import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats, compute
+
+CAUSES = (
+    "exploding_gradients",
+    "vanishing_gradients",
+    "bad_input",
+    "nonfinite_gradients",
+    "nonfinite_activations",
+)
+_TITLES = {
+    "exploding_gradients": "Exploding gradients",
+    "vanishing_gradients": "Vanishing gradients",
+    "bad_input": "Bad input data",
+    "nonfinite_gradients": "NaN/Inf gradients",
+    "nonfinite_activations": "NaN/Inf activations",
+}
+WatchModules = Union[str, Sequence[Union[str, nn.Module]], None]
+
+# "Never" in the first-step latches and "no NaN/Inf" in the forward order: a power of two, so the
+# float64 snapshot holds it exactly, and larger than any step or hook count.
+_NEVER = 2**62
+# A message names at most this many tensors; the finding's .where keeps them all.
+_NAMED_AT_MOST = 5
+# Sustained growth also needs the norm to rise from one step to the next this often in the window,
+# so that a noisy but flat series whose end happens to sit above its start does not count.
+_GROWTH_RISING_SHARE = 0.8
+# Cached column index tensors per parameter list (a list that changes every step must not grow it).
+_INDEX_CACHE_SIZE = 64
+# The root module's output, when watched, is called this.
+_OUTPUT_SITE = "output"
+_INPUT_SITE = "input"
+_PLOT_DPI = 120
+# Heatmap rows get at most this many labels; more would overlap.
+_PLOT_MAX_LABELS = 40
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed problem.
+
+    cause: one of CAUSES. where: parameter names (gradients), input names such as "input[0]" or
+    "input[x]", or module names (activations). step: the number of monitor.step() calls made before
+    the problem was first seen (the forward and backward before the first step() are step 0).
+    evidence: the numbers behind it. message: what was seen. advice: what to do about it.
+    """
+
+    cause: str
+    where: tuple[str, ...]
+    step: int
+    evidence: dict[str, float]
+    message: str
+    advice: str
+
+    def __str__(self) -> str:
+        return f"{self.cause} at step {self.step} in {', '.join(self.where)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class MonitorHistory:
+    """The ring buffers copied to the host, oldest step first.
+
+    Gradient rows (one per monitor.step()): steps [k], total_norm [k], clip_coef [k] (1 when the
+    statistics had no clip threshold), skipped [k] (1 skipped, 0 applied, NaN when not told),
+    grad_norms / grad_nan / grad_inf [k, n] (norm NaN: no gradient that step), and
+    grad_first_nonfinite [n], the first step each parameter had a NaN/Inf gradient (-1: never; kept
+    for the whole run, beyond the window).
+    Watched inputs and module outputs ("sites"), one row per step including the one in progress:
+    site_steps [k2], site_max_abs [k2, m] (largest finite |x|, NaN when not observed that step),
+    site_nan / site_inf [k2, m], site_order [k2, m] (position in the forward order of the first
+    call that saw NaN/Inf that step, -1 none), site_first_nonfinite [m] (-1: never; whole run).
+    """
+
+    names: tuple[str, ...]
+    norm_type: float
+    steps: np.ndarray
+    total_norm: np.ndarray
+    clip_coef: np.ndarray
+    skipped: np.ndarray
+    grad_norms: np.ndarray
+    grad_nan: np.ndarray
+    grad_inf: np.ndarray
+    grad_first_nonfinite: np.ndarray
+    sites: tuple[str, ...]
+    site_is_input: tuple[bool, ...]
+    site_steps: np.ndarray
+    site_max_abs: np.ndarray
+    site_nan: np.ndarray
+    site_inf: np.ndarray
+    site_order: np.ndarray
+    site_first_nonfinite: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    explode_factor: float
+    growth_factor: float
+    growth_steps: int
+    median_window: int
+    min_history: int
+    vanish_ratio: float
+    vanish_steps: int
+    input_abs_limit: float
+    input_jump_factor: float
+    clip_percentile: float
+
+
+class GradMonitor:
+    """Watches gradients, inputs and activations on the device and says why NaNs appear.
+
+    Call monitor.step() after each backward (or give the monitor to ClipGradOptimizer, which calls
+    monitor.step(stats=..., params=...) with the statistics it computed anyway). Then
+    monitor.report() names the cause (exploding gradients, vanishing gradients, bad input data),
+    where and when, with the evidence and what to do.
+
+    Args:
+        model: the module whose parameters (named by model.named_parameters()) are watched.
+        window: steps kept in the ring buffers (on the device).
+        watch_inputs: count NaN/Inf and track the largest magnitude of the model's floating-point
+            inputs, named "input[i]" (positional) and "input[name]" (keyword).
+        watch_modules: None, "all" (every leaf module) or module names / modules whose outputs are
+            watched the same way; the first of them whose output holds NaN/Inf is named.
+        norm_type: norm of the per-parameter gradient norms, when step() computes them itself.
+        max_norm: the clip threshold in use, drawn on the plot (else inferred from clipped steps).
+        explode_factor: exploding: the total norm exceeds this multiple of its running median.
+        growth_factor, growth_steps: exploding: the total norm grew this much in this many steps.
+        median_window: steps in the running median.
+        min_history: steps needed before a running statistic is trusted.
+        vanish_ratio: vanishing: a parameter's gradient norm is below this fraction of the largest
+            one's at the same step (exactly zero counts) ...
+        vanish_steps: ... for at least this many consecutive steps.
+        input_abs_limit: bad input: a finite input value larger than this in magnitude.
+        input_jump_factor: bad input: an input's largest |x| exceeds this multiple of its running
+            median.
+        clip_percentile: the suggested clip threshold is this percentile of the healthy total norms.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int = 512,
+        watch_inputs: bool = True,
+        watch_modules: WatchModules = None,
+        norm_type: float = 2.0,
+        max_norm: float | None = None,
+        explode_factor: float = 100.0,
+        growth_factor: float = 1e3,
+        growth_steps: int = 20,
+        median_window: int = 50,
+        min_history: int = 5,
+        vanish_ratio: float = 1e-5,
+        vanish_steps: int = 10,
+        input_abs_limit: float = 1e4,
+        input_jump_factor: float = 100.0,
+        clip_percentile: float = 95.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradMonitor: model must be a torch.nn.Module; got {type(model)}")
+        _check_int("window", window, 2)
+        for name, value in (
+            ("growth_steps", growth_steps),
+            ("median_window", median_window),
+            ("min_history", min_history),
+            ("vanish_steps", vanish_steps),
+        ):
+            _check_int(name, value, 1)
+        for name, value in (
+            ("explode_factor", explode_factor),
+            ("growth_factor", growth_factor),
+            ("input_jump_factor", input_jump_factor),
+        ):
+            _check_range(name, value, 1.0, math.inf, "> 1")
+        _check_range("vanish_ratio", vanish_ratio, 0.0, 1.0, "in (0, 1)")
+        _check_range("input_abs_limit", input_abs_limit, 0.0, math.inf, "> 0")
+        if not 0 < clip_percentile <= 100:
+            raise ValueError(f"clip_percentile must be in (0, 100]; got {clip_percentile!r}")
+        if not float(norm_type) > 0:
+            raise ValueError(f"norm_type must be > 0 or inf; got {norm_type!r}")
+        if max_norm is not None and not float(max_norm) > 0:
+            raise ValueError(f"max_norm must be a positive number or None; got {max_norm!r}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("GradMonitor: the model has no parameter that requires grad")
+
+        self.window = window
+        self.norm_type = float(norm_type)
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.thresholds = _Thresholds(
+            explode_factor=float(explode_factor),
+            growth_factor=float(growth_factor),
+            growth_steps=growth_steps,
+            median_window=median_window,
+            min_history=min_history,
+            vanish_ratio=float(vanish_ratio),
+            vanish_steps=vanish_steps,
+            input_abs_limit=float(input_abs_limit),
+            input_jump_factor=float(input_jump_factor),
+            clip_percentile=float(clip_percentile),
+        )
+        self.names = tuple(n for n, _ in named)
+        self._params = [p for _, p in named]
+        self._column = {id(p): i for i, p in enumerate(self._params)}
+        self._step = 0
+        self._seq = 0
+        self._device: torch.device | None = None
+        self._grad_ring: dict[str, Tensor] = {}
+        self._site_ring: dict[str, Tensor] = {}
+        self._sites: dict[str, int] = {}
+        self._site_is_input: list[bool] = []
+        self._index_cache: dict[tuple, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        if watch_inputs:
+            self._handles.append(model.register_forward_pre_hook(self._on_input, with_kwargs=True))
+        for name, module in _resolve_modules(model, watch_modules):
+            self._handles.append(module.register_forward_hook(partial(self._on_output, name)))
+
+    # ----------------------------------------------------------------- recording (no host sync)
+
+    @property
+    def num_steps(self) -> int:
+        """The number of monitor.step() calls made so far (the step now being observed)."""
+        return self._step
+
+    def step(
+        self,
+        stats: GradStats | None = None,
+        params: Sequence[Tensor] | None = None,
+        *,
+        skipped: Tensor | bool | None = None,
+    ) -> None:
+        """Records this step's gradient statistics in the ring buffers, on the device, and starts
+        the next step.
+
+        stats: the GradStats already computed for this step (with per-tensor norms), whose tensors
+            are the gradients of params, in order; without params, of the model's parameters that
+            have a gradient, in model order. Without stats, one fused pass computes them (norms of
+            the finite values; the NaN/Inf counts say the rest).
+        skipped: whether the optimizer skipped this step (a 0-dim tensor on the device is fine),
+            marked on the plot.
+        """
+        with torch.no_grad():
+            params_list, stats = self._resolve_step(stats, params)
+            self._set_device(stats.counts.device)
+            ring = self._grad_buffers()
+            slot = self._step % self.window
+            norms = self._here(stats.norms).to(torch.float64)
+            counts = self._here(stats.counts[NAN_ROW : INF_ROW + 1, :-1])
+            columns = self._grad_columns(params_list)
+            if columns is None:
+                ring["norms"][slot].copy_(norms)
+                ring["counts"][slot].copy_(counts)
+            else:
+                ring["norms"][slot].fill_(math.nan).index_copy_(0, columns, norms)
+                ring["counts"][slot].zero_().index_copy_(1, columns, counts)
+            ring["total"][slot].copy_(stats.total_norm)
+            if stats.clip_coef is None:
+                ring["coef"][slot].fill_(1.0)
+            else:
+                ring["coef"][slot].copy_(stats.clip_coef)
+            if skipped is None:
+                ring["skipped"][slot].fill_(math.nan)
+            elif isinstance(skipped, Tensor):
+                ring["skipped"][slot].copy_(skipped)
+            else:
+                ring["skipped"][slot].fill_(float(bool(skipped)))
+            bad = ring["counts"][slot].sum(0) > 0
+            first = ring["first"]
+            torch.minimum(first, torch.where(bad, self._step, _NEVER), out=first)
+        self._step += 1
+        self._seq = 0
+        if self._site_ring:
+            self._reset_site_slot(self._step % self.window)
+
+    def _resolve_step(
+        self, stats: GradStats | None, params: Sequence[Tensor] | None
+    ) -> tuple[list[Tensor], GradStats]:
+        if params is not None:
+            params = list(params)
+        if stats is None:
+            candidates = self._params if params is None else params
+            with_grad = [p for p in candidates if p.grad is not None]
+            if not with_grad:
+                raise RuntimeError(
+                    "GradMonitor.step(): no watched parameter has a gradient; call it after "
+                    "loss.backward() and before optimizer.zero_grad()"
+                )
+            grads = [p.grad.detach() for p in with_grad]
+            return with_grad, compute(grads, self.norm_type, math.inf, "zero")
+        if not isinstance(stats, GradStats):
+            raise TypeError(f"GradMonitor.step(): stats must be a GradStats; got {type(stats)}")
+        if stats.norms is None:
+            raise ValueError(
+                "GradMonitor.step(): stats has no per-tensor norms; compute them with "
+                "grad_stats(..., per_tensor=True)"
+            )
+        if params is None:
+            params = [p for p in self._params if p.grad is not None]
+        if len(params) != stats.num_tensors:
+            raise ValueError(
+                f"GradMonitor.step(): stats cover {stats.num_tensors} tensors but {len(params)} "
+                "parameters were given (params must list the stats' tensors, in order)"
+            )
+        return params, stats
+
+    def _grad_columns(self, params: list[Tensor]) -> Tensor | None:
+        """The ring columns of params (None: all parameters in model order, a plain copy)."""
+        key = tuple(map(id, params))
+        if len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params)):
+            return None
+        index = self._index_cache.get(key)
+        if index is None:
+            columns = []
+            for i, p in enumerate(params):
+                column = self._column.get(id(p))
+                if column is None:
+                    raise ValueError(
+                        f"GradMonitor.step(): parameter {i} (shape {tuple(p.shape)}) is not a "
+                        "parameter of the monitored model that requires grad"
+                    )
+                columns.append(column)
+            index = self._new_index(key, columns)
+        return index
+
+    def _new_index(self, key: tuple, columns: list[int]) -> Tensor:
+        if len(self._index_cache) >= _INDEX_CACHE_SIZE:
+            self._index_cache.clear()
+        index = torch.tensor(columns, dtype=torch.long, device=self._device)
+        self._index_cache[key] = index
+        return index
+
+    def _set_device(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+
+    def _here(self, t: Tensor) -> Tensor:
+        if t.device == self._device:
+            return t
+        return t.to(self._device, non_blocking=self._device.type == "cuda")
+
+    def _grad_buffers(self) -> dict[str, Tensor]:
+        if not self._grad_ring:
+            w, n, dev = self.window, len(self._params), self._device
+            self._grad_ring = {
+                "norms": torch.full((w, n), math.nan, dtype=torch.float64, device=dev),
+                "counts": torch.zeros((w, 2, n), dtype=torch.int64, device=dev),
+                "total": torch.full((w,), math.nan, dtype=torch.float64, device=dev),
+                "coef": torch.ones((w,), dtype=torch.float64, device=dev),
+                "skipped": torch.full((w,), math.nan, dtype=torch.float64, device=dev),
+                "first": torch.full((n,), _NEVER, dtype=torch.int64, device=dev),
+            }
+        return self._grad_ring
+
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        leaves: list[tuple[str, Tensor]] = []
+        for i, arg in enumerate(args):
+            _floating_leaves(f"{_INPUT_SITE}[{i}]", arg, leaves)
+        for key, arg in kwargs.items():
+            _floating_leaves(f"{_INPUT_SITE}[{key}]", arg, leaves)
+        if leaves:
+            self._observe(tuple(n for n, _ in leaves), [t for _, t in leaves], is_input=True)
+
+    def _on_output(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        leaves: list[tuple[str, Tensor]] = []
+        _floating_leaves(name, output, leaves)
+        if leaves:
+            self._observe((name,) * len(leaves), [t for _, t in leaves], is_input=False)
+
+    def _observe(self, names: tuple[str, ...], tensors: list[Tensor], is_input: bool) -> None:
+        """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
+        (several forwards in one step add up), with the forward order of the first NaN/Inf."""
+        with torch.no_grad():
+            st = compute([t.detach() for t in tensors], math.inf, math.inf, "zero")
+            self._set_device(st.counts.device)
+            index = self._site_columns(names, is_input)
+            ring = self._site_ring
+            slot = self._step % self.window
+            ring["counts"][slot].index_add_(
+                1, index, self._here(st.counts[NAN_ROW : INF_ROW + 1, :-1])
+            )
+            ring["max_abs"][slot].scatter_reduce_(
+                0, index, self._here(st.norms).to(torch.float64), "amax"
+            )
+            bad = self._here(st.counts[NONFINITE_ROW, :-1]) > 0
+            ring["order"][slot].scatter_reduce_(
+                0, index, torch.where(bad, self._seq, _NEVER), "amin"
+            )
+            ring["first"].scatter_reduce_(0, index, torch.where(bad, self._step, _NEVER), "amin")
+        self._seq += 1
+
+    def _site_columns(self, names: tuple[str, ...], is_input: bool) -> Tensor:
+        key = ("site", *names)
+        index = self._index_cache.get(key)
+        if index is None:
+            for name in dict.fromkeys(names):
+                if name not in self._sites:
+                    self._sites[name] = len(self._sites)
+                    self._site_is_input.append(is_input)
+            self._grow_site_ring(len(self._sites))
+            index = self._new_index(key, [self._sites[n] for n in names])
+        return index
+
+    def _grow_site_ring(self, needed: int) -> None:
+        """Sites appear as the forward runs; the columns grow (doubling) when one needs room."""
+        have = self._site_ring["first"].numel() if self._site_ring else 0
+        if needed <= have:
+            return
+        m, w, dev = max(needed, 2 * have), self.window, self._device
+        grown = {
+            "counts": torch.zeros((w, 2, m), dtype=torch.int64, device=dev),
+            "max_abs": torch.full((w, m), -math.inf, dtype=torch.float64, device=dev),
+            "order": torch.full((w, m), _NEVER, dtype=torch.int64, device=dev),
+            "first": torch.full((m,), _NEVER, dtype=torch.int64, device=dev),
+        }
+        for key, old in self._site_ring.items():
+            grown[key][..., :have].copy_(old)
+        self._site_ring = grown
+
+    def _reset_site_slot(self, slot: int) -> None:
+        ring = self._site_ring
+        ring["counts"][slot].zero_()
+        ring["max_abs"][slot].fill_(-math.inf)
+        ring["order"][slot].fill_(_NEVER)
+
+    # ---------------------------------------------------------------------------- hooks
+
+    def close(self) -> None:
+        """Removes the forward hooks. What was recorded stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GradMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradMonitor({len(self.names)} parameters, {len(self._sites)} watched inputs/outputs, "
+            f"{self._step} steps, window={self.window}, hooks={'on' if self._handles else 'off'})"
+        )
+
+    # ---------------------------------------------------------------- reading (one sync each)
+
+    def history(self) -> MonitorHistory:
+        """The ring buffers on the host, oldest step first (one device-to-host copy)."""
+        grad_keys = ("norms", "counts", "total", "coef", "skipped", "first")
+        site_keys = ("counts", "max_abs", "order", "first")
+        buffers = [self._grad_ring[k] for k in grad_keys if self._grad_ring]
+        buffers += [self._site_ring[k] for k in site_keys if self._site_ring]
+        flat = (
+            torch.cat([b.reshape(-1).to(torch.float64) for b in buffers]).cpu().numpy()
+            if buffers
+            else np.zeros(0)
+        )
+        parts, at = [], 0
+        for b in buffers:
+            parts.append(flat[at : at + b.numel()].reshape(tuple(b.shape)))
+            at += b.numel()
+        grad = dict(zip(grad_keys, parts)) if self._grad_ring else None
+        site = (
+            dict(zip(site_keys, parts[len(grad_keys) if grad else 0 :]))
+            if self._site_ring
+            else None
+        )
+
+        w, n, m = self.window, len(self.names), len(self._sites)
+        kept = min(self._step, w)
+        steps = np.arange(self._step - kept, self._step)
+        rows = steps % w
+        if grad is None:
+            grad = {
+                "norms": np.zeros((w, n)),
+                "counts": np.zeros((w, 2, n)),
+                "total": np.zeros(w),
+                "coef": np.zeros(w),
+                "skipped": np.zeros(w),
+                "first": np.full(n, float(_NEVER)),
+            }
+        site_steps = np.arange(max(0, self._step - w + 1), self._step + 1)
+        site_rows = site_steps % w
+        if site is None:
+            site = {
+                "counts": np.zeros((w, 2, 0)),
+                "max_abs": np.zeros((w, 0)),
+                "order": np.zeros((w, 0)),
+                "first": np.zeros(0),
+            }
+        max_abs = site["max_abs"][site_rows, :m]
+        return MonitorHistory(
+            names=self.names,
+            norm_type=self.norm_type,
+            steps=steps,
+            total_norm=grad["total"][rows],
+            clip_coef=grad["coef"][rows],
+            skipped=grad["skipped"][rows],
+            grad_norms=grad["norms"][rows],
+            grad_nan=grad["counts"][rows, 0],
+            grad_inf=grad["counts"][rows, 1],
+            grad_first_nonfinite=_never_to_minus_one(grad["first"]),
+            sites=tuple(self._sites),
+            site_is_input=tuple(self._site_is_input),
+            site_steps=site_steps,
+            site_max_abs=np.where(np.isneginf(max_abs), np.nan, max_abs),
+            site_nan=site["counts"][site_rows, 0, :m],
+            site_inf=site["counts"][site_rows, 1, :m],
+            site_order=_never_to_minus_one(site["order"][site_rows, :m]),
+            site_first_nonfinite=_never_to_minus_one(site["first"][:m]),
+        )
+
+    def diagnose(self) -> list[Finding]:
+        """The problems seen in the kept steps (NaN/Inf first seen: over the whole run), oldest
+        first. Healthy training gives an empty list. One device-to-host copy."""
+        return diagnose_history(self.history(), self.thresholds)
+
+    def report(self) -> str:
+        """What went wrong, where, when, the evidence and what to do, as text for a person."""
+        h = self.history()
+        return format_report(h, diagnose_history(h, self.thresholds))
+
+    def scalars(self, prefix: str = "gradstats/") -> dict[str, float]:
+        """The last recorded step as a flat {name: number} dict for TensorBoard or W&B: total norm,
+        clip coefficient, NaN/Inf gradient count, per-parameter norms, and each watched input's or
+        output's largest finite |x| and NaN/Inf count. One device-to-host copy."""
+        if self._step == 0:
+            raise RuntimeError("GradMonitor.scalars(): no step recorded yet; call monitor.step()")
+        slot = (self._step - 1) % self.window
+        g = self._grad_ring
+        parts = [
+            g["total"][slot].reshape(1),
+            g["coef"][slot].reshape(1),
+            g["counts"][slot].sum().reshape(1).to(torch.float64),
+            g["norms"][slot],
+        ]
+        m = len(self._sites)
+        if m:
+            s = self._site_ring
+            parts += [s["max_abs"][slot, :m], s["counts"][slot, :, :m].sum(0).to(torch.float64)]
+        values = torch.cat(parts).tolist()
+        n = len(self.names)
+        out = {
+            f"{prefix}total_norm": values[0],
+            f"{prefix}clip_coef": values[1],
+            f"{prefix}nonfinite_grads": values[2],
+        }
+        out.update({f"{prefix}grad_norm/{k}": v for k, v in zip(self.names, values[3 : 3 + n])})
+        site_values = values[3 + n :]
+        for i, site in enumerate(self._sites):
+            if site_values[i] != -math.inf:  # not observed in that step
+                out[f"{prefix}max_abs/{site}"] = site_values[i]
+                out[f"{prefix}nonfinite/{site}"] = site_values[m + i]
+        return out
+
+    def log_to_tensorboard(
+        self, writer: Any, step: int | None = None, prefix: str = "gradstats/"
+    ) -> dict[str, float]:
+        """Writes scalars() with writer.add_scalar (a torch.utils.tensorboard.SummaryWriter or any
+        writer with that method) at global step `step` (default: the last recorded step)."""
+        values = self.scalars(prefix)
+        global_step = self._step - 1 if step is None else step
+        for key, value in values.items():
+            writer.add_scalar(key, value, global_step)
+        return values
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """Writes a PNG: per-parameter gradient-norm heatmap over the kept steps (log scale) above
+        the total norm (clip threshold, clipped, skipped and NaN/Inf steps, findings marked)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise ImportError(
+                "GradMonitor.plot() needs matplotlib: pip install gradstats[plot] "
+                "(or pip install matplotlib)"
+            ) from exc
+        h = self.history()
+        if h.steps.size == 0:
+            raise RuntimeError("GradMonitor.plot(): no step recorded yet; call monitor.step()")
+        fig = _draw(Figure, h, diagnose_history(h, self.thresholds), self.max_norm, title)
+        path = Path(path)
+        fig.savefig(path, dpi=_PLOT_DPI)
+        return path
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float, text: str) -> None:
+    if not (isinstance(value, (int, float)) and low < value < high):
+        raise ValueError(f"{name} must be {text}; got {value!r}")
+
+
+def _never_to_minus_one(a: np.ndarray) -> np.ndarray:
+    return np.where(a >= _NEVER, -1, a).astype(np.int64)
+
+
+def _floating_leaves(name: str, obj: Any, out: list[tuple[str, Tensor]]) -> None:
+    """The floating-point (and complex) tensors in nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            out.append((name, obj))
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _floating_leaves(f"{name}[{i}]" if name.startswith(_INPUT_SITE) else name, item, out)
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            _floating_leaves(f"{name}[{key}]" if name.startswith(_INPUT_SITE) else name, item, out)
+
+
+def _resolve_modules(model: nn.Module, watch: WatchModules) -> list[tuple[str, nn.Module]]:
+    if watch is None:
+        return []
+    named = list(model.named_modules())
+    if isinstance(watch, str):
+        if watch != "all":
+            raise ValueError(
+                f"watch_modules must be None, 'all' or a list of module names or modules; got "
+                f"{watch!r}"
+            )
+        leaves = [(n or _OUTPUT_SITE, m) for n, m in named if next(m.children(), None) is None]
+        return leaves
+    by_name = dict(named)
+    by_id = {id(m): n for n, m in named}
+    out = []
+    for item in watch:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(f"watch_modules: {type(item).__name__} is not part of the model")
+            name = by_id[id(item)]
+        elif isinstance(item, str):
+            if item not in by_name:
+                known = ", ".join(repr(n) for n, _ in named[1 : 1 + _NAMED_AT_MOST])
+                raise ValueError(f"watch_modules: no module named {item!r} (modules: {known}, ...)")
+            name = item
+        else:
+            raise TypeError(f"watch_modules: expected module names or modules; got {type(item)}")
+        out.append((name or _OUTPUT_SITE, by_name[name]))
+    return out
+
+
+def _fmt(x: float) -> str:
+    """4.4e16, 0.031, 2.5: short numbers for messages."""
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and not 1e-3 <= abs(x) < 1e4:
+        mantissa, exponent = f"{x:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{x:.3g}"
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_NAMED_AT_MOST])
+    more = len(names) - _NAMED_AT_MOST
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """nanmedian without the all-NaN warning (an all-NaN slice gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
+
+
+# ---------------------------------------------------------------------------- diagnosis
+
+
+def diagnose_history(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+    """Applies the detection rules to a history; findings sorted by step, then cause."""
+    findings = [
+        *_bad_input(h, th),
+        *_nonfinite_gradients(h),
+        *_nonfinite_activations(h),
+        *_exploding(h, th),
+        *_vanishing(h, th),
+    ]
+    findings = _cross_reference(findings)
+    return sorted(findings, key=lambda f: (f.step, CAUSES.index(f.cause)))
+
+
+def _cross_reference(findings: list[Finding]) -> list[Finding]:
+    """Notes pointing from a consequence to its likely cause at the same or an earlier step."""
+    bad_input_steps = {f.step for f in findings if f.cause == "bad_input"}
+    nonfinite_grad_steps = [f.step for f in findings if f.cause == "nonfinite_gradients"]
+    out = []
+    for f in findings:
+        note = ""
+        if f.cause in ("exploding_gradients", "nonfinite_gradients") and f.step in bad_input_steps:
+            note = (
+                "A model input was bad at this same step (see bad input data): fix the data first."
+            )
+        elif f.cause == "nonfinite_activations" and nonfinite_grad_steps:
+            earlier = min(nonfinite_grad_steps)
+            if earlier < f.step:
+                note = (
+                    f"Gradients were already NaN/Inf at step {earlier}; if the optimizer applied "
+                    "them, the weights now hold NaN/Inf: fix that first."
+                )
+        out.append(dataclasses.replace(f, message=f"{f.message} {note}") if note else f)
+    return out
+
+
+def _healthy_totals(h: MonitorHistory, before_step: int) -> np.ndarray:
+    keep = (h.steps < before_step) & np.isfinite(h.total_norm)
+    return h.total_norm[keep]
+
+
+@dataclass(frozen=True)
+class _Surge:
+    """Where a rule saw the total norm explode: the finding's row, the row whose per-parameter norms
+    are compared with those of base_rows, the norm there, its baseline and the sentence."""
+
+    row: int
+    end_row: int
+    base_rows: np.ndarray
+    value: float
+    base: float
+    text: str
+
+
+def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+    total = h.total_norm
+    surges = [s for s in (_first_jump(h, th), _first_growth(h, th)) if s is not None]
+    if not surges:
+        return []
+    surge = min(surges, key=lambda s: s.row)
+    step = int(h.steps[surge.row])
+    finite = np.isfinite(total)
+    peak_row = int(np.argmax(np.where(finite, total, -np.inf)))
+    onset = step
+    if (h.grad_first_nonfinite >= 0).any():
+        onset = min(onset, int(h.grad_first_nonfinite[h.grad_first_nonfinite >= 0].min()))
+    healthy = _healthy_totals(h, onset)
+    if healthy.size >= th.min_history:
+        suggestion = float(f"{np.percentile(healthy, th.clip_percentile):.2g}")
+        advice = (
+            f"Clip the total gradient norm at {_fmt(suggestion)}, the "
+            f"{th.clip_percentile:g}th percentile of the {healthy.size} healthy total norms seen "
+            f"before step {onset} (rather than a guess of 1.0 or 5.0): "
+            f"gradstats.clip_grad_norm_(model.parameters(), max_norm={_fmt(suggestion)}) before "
+            f"optimizer.step(), or gradstats.ClipGradOptimizer(optimizer, max_norm="
+            f"{_fmt(suggestion)}, on_nonfinite='skip'). If the norm keeps growing, lower the "
+            "learning rate; for recurrent networks prefer LSTM/GRU cells."
+        )
+    else:
+        suggestion = math.nan
+        advice = (
+            "Clip the total gradient norm (gradstats.clip_grad_norm_ or ClipGradOptimizer): too "
+            f"few healthy steps were seen before step {onset} to suggest a threshold, so start "
+            "from the typical total norm of a short healthy run (monitor.scalars()) and lower the "
+            "learning rate."
+        )
+
+    per_param = h.grad_norms[surge.end_row] / _quiet_median(h.grad_norms[surge.base_rows], axis=0)
+    per_param = np.where(np.isfinite(per_param), per_param, -np.inf)
+    order = [int(j) for j in np.argsort(-per_param, kind="stable") if per_param[j] > -np.inf]
+    exploded = [j for j in order if per_param[j] > th.explode_factor]
+    where_cols = exploded or order[:_NAMED_AT_MOST]
+    where = tuple(h.names[j] for j in where_cols)
+    rises = ", ".join(f"{h.names[j]} x{_fmt(per_param[j])}" for j in where_cols[:_NAMED_AT_MOST])
+    message = (
+        f"{surge.text}; it peaked at {_fmt(float(total[peak_row]))} at step "
+        f"{int(h.steps[peak_row])}." + (f" Largest rises per parameter: {rises}." if rises else "")
+    )
+    evidence = {
+        "total_norm": surge.value,
+        "baseline": surge.base,
+        "ratio": surge.value / surge.base,
+        "peak_norm": float(total[peak_row]),
+        "peak_step": float(h.steps[peak_row]),
+        "suggested_max_norm": suggestion,
+        "healthy_steps": float(healthy.size),
+    }
+    return [Finding("exploding_gradients", where, step, evidence, message, advice)]
+
+
+def _first_jump(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
+    """The first step far above the running median of the steps before it, and above all of them.
+
+    Needing a new maximum as well keeps a late spike of a run whose norms have decayed (while
+    converging) from counting: it is large only relative to a now-tiny median.
+    """
+    total = h.total_norm
+    record = -math.inf
+    for i, value in enumerate(total):
+        if not math.isfinite(value):
+            continue
+        lo = max(0, i - th.median_window)
+        before = total[lo:i]
+        before = before[np.isfinite(before)]
+        if before.size >= th.min_history:
+            median = float(np.median(before))
+            if median > 0 and value > th.explode_factor * median and value > record:
+                text = (
+                    f"total gradient norm {_fmt(value)} at step {int(h.steps[i])}, "
+                    f"{_fmt(value / median)} times its running median {_fmt(median)} (over the "
+                    f"{before.size} steps before)"
+                )
+                return _Surge(i, i, np.arange(lo, i), float(value), median, text)
+        record = max(record, float(value))
+    return None
+
+
+def _first_growth(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
+    """The first growth_steps-long stretch over which the norm grew growth_factor-fold, rising at
+    most steps, to a new maximum; the finding is placed where the growth began."""
+    total, span = h.total_norm, th.growth_steps
+    for end in range(span, total.size):
+        seg = total[end - span : end + 1]
+        if not np.isfinite(seg).all() or seg[0] <= 0:
+            continue
+        earlier = total[: end - span]
+        earlier = earlier[np.isfinite(earlier)]
+        rising = float(np.mean(np.diff(seg) > 0))
+        if (
+            seg[-1] >= th.growth_factor * seg[0]
+            and rising >= _GROWTH_RISING_SHARE
+            and (earlier.size == 0 or seg[-1] > earlier.max())
+        ):
+            start = end - span
+            text = (
+                f"total gradient norm grew {_fmt(seg[-1] / seg[0])}-fold over {span} steps, from "
+                f"{_fmt(seg[0])} at step {int(h.steps[start])} to {_fmt(seg[-1])} at step "
+                f"{int(h.steps[end])}"
+            )
+            return _Surge(start, end, np.array([start]), float(seg[-1]), float(seg[0]), text)
+    return None
+
+
+def _vanishing(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+    norms = h.grad_norms
+    if norms.shape[0] < th.vanish_steps:
+        return []
+    finite = np.isfinite(norms)
+    largest = np.max(np.where(finite, norms, -np.inf), axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = norms / largest
+    tiny = finite & (largest > 0) & (ratio < th.vanish_ratio)
+    run = np.zeros(norms.shape[1], dtype=np.int64)
+    start = np.full(norms.shape[1], -1)
+    for i in range(norms.shape[0]):
+        run = np.where(tiny[i], run + 1, 0)
+        newly = (run >= th.vanish_steps) & (start < 0)
+        start[newly] = i - th.vanish_steps + 1
+    flagged = np.nonzero(start >= 0)[0]
+    if flagged.size == 0:
+        return []
+    row = int(start[flagged].min())
+    step = int(h.steps[row])
+    median_ratio = {int(j): float(np.median(ratio[tiny[:, j], j])) for j in flagged}
+    zero = {int(j) for j in flagged if (norms[tiny[:, j], j] == 0).all()}
+    where = tuple(h.names[j] for j in flagged)
+    described = ", ".join(
+        f"{h.names[j]} ({'exactly 0' if j in zero else _fmt(median_ratio[j]) + ' x'})"
+        for j in flagged[:_NAMED_AT_MOST]
+    )
+    if flagged.size > _NAMED_AT_MOST:
+        described += f" and {flagged.size - _NAMED_AT_MOST} more"
+    top = int(np.argmax(_quiet_median(np.where(finite, norms, np.nan), axis=0)))
+    largest_norm = float(_quiet_median(largest[tiny.any(axis=1), 0]))
+    message = (
+        f"{flagged.size} of {norms.shape[1]} parameters had gradient norms below "
+        f"{_fmt(th.vanish_ratio)} x the largest layer's for {th.vanish_steps}+ consecutive steps "
+        f"from step {step}: {described}, against {_fmt(largest_norm)} for the largest "
+        f"(typically {h.names[top]}). These layers barely learn."
+    )
+    ratios = list(median_ratio.values())
+    evidence = {
+        "layers": float(flagged.size),
+        "smallest_ratio": min(ratios),
+        "largest_ratio": max(ratios),
+        "largest_norm": largest_norm,
+        "consecutive_steps": float(run.max() if run.size else 0),
+        "zero_layers": float(len(zero)),
+    }
+    advice = (
+        "Use ReLU-family activations (ReLU, LeakyReLU, GELU) rather than sigmoid/tanh in hidden "
+        "layers; initialise with He (torch.nn.init.kaiming_normal_) for ReLU or Glorot "
+        "(torch.nn.init.xavier_uniform_) for tanh/sigmoid; add residual connections or "
+        "normalisation (BatchNorm/LayerNorm). Where a value computed from these layers is a "
+        "divisor, add an epsilon: tiny values there become Inf/NaN."
+    )
+    return [Finding("vanishing_gradients", where, step, evidence, message, advice)]
+
+
+_BAD_INPUT_ADVICE = {
+    "nonfinite": (
+        "Clean the data before it reaches the model: impute missing values (mean or median of the "
+        "feature), drop or repair rows with NaN/Inf (torch.nan_to_num as a stopgap), and check "
+        "torch.isfinite(batch).all() in the data pipeline while debugging."
+    ),
+    "extreme": (
+        "Scale the features: standardise them, or use robust scaling (median and interquartile "
+        "range, e.g. sklearn.preprocessing.RobustScaler) when outliers are present, and clip "
+        "outliers to a sensible range before training."
+    ),
+}
+
+
+def _bad_input(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+    """One finding per kind (non-finite, extreme magnitude), at the first step any input had it."""
+    events: dict[str, list[tuple[int, int, dict[str, float]]]] = {"nonfinite": [], "extreme": []}
+    for j, is_input in enumerate(h.site_is_input):
+        if not is_input:
+            continue
+        nonfinite = h.site_nan[:, j] + h.site_inf[:, j]
+        latched = int(h.site_first_nonfinite[j])
+        if latched >= 0 and (h.site_steps.size == 0 or latched < h.site_steps[0]):
+            events["nonfinite"].append((latched, j, {"nan": math.nan, "inf": math.nan}))
+        for row in np.nonzero(nonfinite > 0)[0]:
+            events["nonfinite"].append(
+                (
+                    int(h.site_steps[row]),
+                    j,
+                    {
+                        "nan": float(h.site_nan[row, j]),
+                        "inf": float(h.site_inf[row, j]),
+                        "max_abs": float(h.site_max_abs[row, j]),
+                    },
+                )
+            )
+        seen = np.nonzero(np.isfinite(h.site_max_abs[:, j]))[0]
+        for k, row in enumerate(seen):
+            value = float(h.site_max_abs[row, j])
+            before = h.site_max_abs[seen[max(0, k - th.median_window) : k], j]
+            typical = float(np.median(before)) if before.size >= th.min_history else math.nan
+            jumped = typical > 0 and value > th.input_jump_factor * typical
+            if value > th.input_abs_limit or jumped:
+                events["extreme"].append(
+                    (int(h.site_steps[row]), j, {"max_abs": value, "typical_max_abs": typical})
+                )
+    findings = []
+    for kind, found in events.items():
+        if not found:
+            continue
+        step = min(s for s, _, _ in found)
+        at_step = [(j, ev) for s, j, ev in found if s == step]
+        where = tuple(h.sites[j] for j, _ in at_step)
+        affected = len({s for s, _, _ in found})
+        if kind == "nonfinite":
+            nan = sum(ev["nan"] for _, ev in at_step)
+            inf = sum(ev["inf"] for _, ev in at_step)
+            evidence = {"nan": nan, "inf": inf, "steps_affected": float(affected)}
+            counted = (
+                f"{_fmt(nan)} NaN and {_fmt(inf)} Inf values"
+                if math.isfinite(nan)
+                else "NaN/Inf values (before the kept window: counts no longer kept)"
+            )
+            message = (
+                f"{counted} in {_names(where)} at step {step}; {affected} step(s) had NaN/Inf "
+                "inputs. Non-finite inputs make the loss and every gradient NaN."
+            )
+        else:
+            j, ev = max(at_step, key=lambda item: item[1]["max_abs"])
+            evidence = {
+                "max_abs": ev["max_abs"],
+                "typical_max_abs": ev["typical_max_abs"],
+                "abs_limit": th.input_abs_limit,
+                "steps_affected": float(affected),
+            }
+            typical = (
+                f", {_fmt(ev['max_abs'] / ev['typical_max_abs'])} times its typical largest "
+                f"value {_fmt(ev['typical_max_abs'])}"
+                if math.isfinite(ev["typical_max_abs"]) and ev["typical_max_abs"] > 0
+                else ""
+            )
+            message = (
+                f"|x| up to {_fmt(ev['max_abs'])} in {h.sites[j]} at step {step}{typical} "
+                f"(limit {_fmt(th.input_abs_limit)}); {affected} step(s) had extreme inputs. "
+                "Badly scaled features make activations and gradients overflow."
+            )
+        findings.append(
+            Finding("bad_input", where, step, evidence, message, _BAD_INPUT_ADVICE[kind])
+        )
+    return findings
+
+
+def _nonfinite_gradients(h: MonitorHistory) -> list[Finding]:
+    first = h.grad_first_nonfinite
+    if not (first >= 0).any():
+        return []
+    step = int(first[first >= 0].min())
+    columns = np.nonzero(first == step)[0]
+    where = tuple(h.names[j] for j in columns)
+    bad_rows = (h.grad_nan + h.grad_inf).sum(axis=1) > 0
+    affected = int(bad_rows.sum())
+    in_window = np.nonzero(h.steps == step)[0]
+    if in_window.size:
+        row = int(in_window[0])
+        nan, inf = float(h.grad_nan[row].sum()), float(h.grad_inf[row].sum())
+        counted = f"{_fmt(nan)} NaN and {_fmt(inf)} Inf gradient values"
+    else:
+        nan = inf = math.nan
+        counted = "NaN/Inf gradient values (before the kept window: counts no longer kept)"
+    last = int(h.steps[bad_rows][-1]) if affected else step
+    message = (
+        f"{counted} at step {step}, first in {_names(where)}; {affected} of the "
+        f"{h.steps.size} kept steps had NaN/Inf gradients (last at step {last})."
+    )
+    evidence = {"nan": nan, "inf": inf, "steps_affected": float(affected), "last_step": float(last)}
+    advice = (
+        "Keep such steps from reaching the weights: gradstats.ClipGradOptimizer(optimizer, "
+        "max_norm=..., on_nonfinite='skip') or clip_grad_norm_(..., on_nonfinite='skip'). Then "
+        "remove the source: see the other findings (bad input, exploding gradients), check the "
+        "loss for log(0) or division by zero, and pass watch_modules='all' to name the first "
+        "module whose output is NaN/Inf. With float16, use torch.amp.GradScaler or bfloat16."
+    )
+    return [Finding("nonfinite_gradients", where, step, evidence, message, advice)]
+
+
+def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
+    """The first module whose output held NaN/Inf while no model input (earlier in the same
+    forward) did; a step whose inputs were bad is bad input, not the module's doing."""
+    is_input = np.array(h.site_is_input, dtype=bool)
+    if is_input.all():
+        return []
+    advice_for = (
+        "{m} is the first watched module whose output held NaN/Inf while the model inputs were "
+        "finite. Check its parameters for NaN/Inf (an earlier update may have corrupted them) and "
+        "its arithmetic: log or sqrt of non-positive values, division by ~0, exp overflow, the "
+        "float16 range (use bfloat16 or float32 there)."
+    )
+    latched = h.site_first_nonfinite
+    window_start = int(h.site_steps[0]) if h.site_steps.size else 0
+    old = [j for j in np.nonzero(~is_input & (latched >= 0) & (latched < window_start))[0]]
+    if old:
+        step = int(min(latched[j] for j in old))
+        inputs_bad = (is_input & (latched == step)).any()
+        if not inputs_bad:
+            where = tuple(h.sites[j] for j in old if latched[j] == step)
+            message = (
+                f"NaN/Inf in the output of {_names(where)} at step {step} (before the kept window: "
+                "counts and forward order no longer kept)."
+            )
+            evidence = {"nan": math.nan, "inf": math.nan, "max_abs": math.nan}
+            return [
+                Finding(
+                    "nonfinite_activations",
+                    where,
+                    step,
+                    evidence,
+                    message,
+                    advice_for.format(m=where[0]),
+                )
+            ]
+    for row in range(h.site_steps.size):
+        order = h.site_order[row]
+        seen = np.nonzero(order >= 0)[0]
+        if seen.size == 0:
+            continue
+        first = int(seen[np.argmin(order[seen])])
+        if is_input[first]:
+            continue
+        step = int(h.site_steps[row])
+        site = h.sites[first]
+        later = [h.sites[j] for j in seen[np.argsort(order[seen], kind="stable")] if j != first]
+        nan, inf = float(h.site_nan[row, first]), float(h.site_inf[row, first])
+        message = (
+            f"the output of {site} held {_fmt(nan)} NaN and {_fmt(inf)} Inf values at step {step} "
+            f"from finite inputs: the first watched module to produce them in that forward pass"
+            + (f" (then {_names(later)})." if later else ".")
+        )
+        evidence = {"nan": nan, "inf": inf, "max_abs": float(h.site_max_abs[row, first])}
+        return [
+            Finding(
+                "nonfinite_activations", (site,), step, evidence, message, advice_for.format(m=site)
+            )
+        ]
+    return []
+
+
+def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
+    """The text of GradMonitor.report()."""
+    width = 100
+    total = h.total_norm[np.isfinite(h.total_norm)]
+    if h.steps.size:
+        norms = (
+            f"total gradient norm median {_fmt(float(np.median(total)))}, "
+            f"max {_fmt(float(total.max()))}"
+            if total.size
+            else "no finite total gradient norm"
+        )
+        head = (
+            f"GradMonitor: {h.steps.size} steps kept (steps {int(h.steps[0])}-"
+            f"{int(h.steps[-1])}), {len(h.names)} parameters, {len(h.sites)} watched "
+            f"inputs/outputs; {norms}."
+        )
+    else:
+        head = f"GradMonitor: no step recorded yet; {len(h.sites)} watched inputs/outputs."
+    lines = [head]
+    if not findings:
+        lines.append(
+            "No problem found: no NaN/Inf in gradients or watched tensors, no exploding or "
+            "vanishing gradients, no extreme inputs."
+        )
+        return "\n".join(lines)
+    lines.append(f"{len(findings)} finding(s), oldest first:")
+    for i, f in enumerate(findings, 1):
+        lines.append("")
+        lines.append(f"{i}. {_TITLES[f.cause]} at step {f.step}, in {_names(f.where)}")
+        lines.append(textwrap.fill(f.message, width, initial_indent="   ", subsequent_indent="   "))
+        lines.append(
+            textwrap.fill(
+                f"What to do: {f.advice}", width, initial_indent="   ", subsequent_indent="   "
+            )
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- plot
+
+
+def _draw(figure_cls: type, h: MonitorHistory, findings: list[Finding], max_norm, title):
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    n, steps = len(h.names), h.steps
+    height = 3.0 + min(n, _PLOT_MAX_LABELS) * 0.16
+    fig = figure_cls(figsize=(11, height), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[max(2.0, height - 3.0), 2.0], width_ratios=[50, 1])
+    heat = fig.add_subplot(grid[0, 0])
+    line = fig.add_subplot(grid[1, 0], sharex=heat)
+
+    norms = h.grad_norms.T
+    nonfinite = (h.grad_nan + h.grad_inf).T > 0
+    positive = np.isfinite(norms) & (norms > 0)
+    logs = np.log10(np.where(positive, norms, 1.0))
+    lo, hi = (
+        (float(logs[positive].min()), float(logs[positive].max())) if positive.any() else (0, 1)
+    )
+    if hi <= lo:
+        lo, hi = lo - 1, hi + 1
+    # Exactly-zero gradients sit below the colour range and show in the colormap's "under" colour.
+    data = np.ma.masked_array(np.where(norms == 0, lo - 1, logs), mask=~(positive | (norms == 0)))
+    cmap = colormaps["viridis"].copy()
+    cmap.set_under("black")
+    cmap.set_bad("lightgrey")
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5)
+    image = heat.imshow(
+        data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, extent=extent
+    )
+    heat.imshow(
+        np.ma.masked_array(np.ones_like(logs), mask=~nonfinite),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=ListedColormap(["red"]),
+        extent=extent,
+    )
+    label_every = max(1, math.ceil(n / _PLOT_MAX_LABELS))
+    heat.set_yticks(range(0, n, label_every), [h.names[i] for i in range(0, n, label_every)])
+    heat.tick_params(axis="y", labelsize=7)
+    heat.set_title(
+        title
+        or "Per-parameter gradient norm (log10; black: exactly 0, red: NaN/Inf, grey: no grad)"
+    )
+    colorbar = fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), extend="min")
+    colorbar.set_label("log10 norm")
+    fig.add_subplot(grid[1, 1]).axis("off")
+
+    total = h.total_norm
+    ok = np.isfinite(total) & (total > 0)
+    line.semilogy(steps[ok], total[ok], marker=".", linewidth=1, label="total norm")
+    threshold = max_norm
+    clipped = ok & (h.clip_coef < 1)
+    if threshold is None and clipped.any():
+        threshold = float(np.median(h.clip_coef[clipped] * (total[clipped] + CLIP_EPS)))
+    if threshold is not None:
+        line.axhline(threshold, color="orange", linestyle="--", label=f"clip at {_fmt(threshold)}")
+    if clipped.any():
+        line.plot(steps[clipped], total[clipped], "o", mfc="none", color="orange", label="clipped")
+    bad = ~np.isfinite(total) | ((h.grad_nan + h.grad_inf).sum(axis=1) > 0)
+    top = line.get_xaxis_transform()
+    if bad.any():
+        line.plot(
+            steps[bad],
+            np.full(bad.sum(), 0.95),
+            "x",
+            color="red",
+            transform=top,
+            label="NaN/Inf gradients",
+        )
+    skipped = h.skipped == 1
+    if skipped.any():
+        line.plot(
+            steps[skipped],
+            np.full(skipped.sum(), 0.85),
+            "v",
+            color="purple",
+            transform=top,
+            label="skipped",
+        )
+    for f in findings:
+        line.axvline(f.step, color="grey", linestyle=":", linewidth=1)
+        line.text(
+            f.step,
+            0.02,
+            f" {f.cause}",
+            transform=top,
+            rotation=90,
+            fontsize=7,
+            va="bottom",
+            color="dimgrey",
+        )
+    line.set_xlabel("step")
+    line.set_ylabel(f"total norm (L{_fmt(h.norm_type)})")
+    line.grid(True, which="major", alpha=0.3)
+    line.legend(loc="upper left", fontsize=7)
+    return fig
