@@ -39,13 +39,22 @@ _TITLES = {
     "nonfinite_gradients": "NaN/Inf gradients",
     "nonfinite_activations": "NaN/Inf activations",
 }
+# Labels of the findings' step markers on the plot.
+_SHORT = {
+    "exploding_gradients": "exploding",
+    "vanishing_gradients": "vanishing",
+    "bad_input": "bad input",
+    "nonfinite_gradients": "NaN grads",
+    "nonfinite_activations": "NaN activations",
+}
 WatchModules = Union[str, Sequence[Union[str, nn.Module]], None]
 
 # "Never" in the first-step latches and "no NaN/Inf" in the forward order: a power of two, so the
 # float64 snapshot holds it exactly, and larger than any step or hook count.
 _NEVER = 2**62
-# A message names at most this many tensors; the finding's .where keeps them all.
+# A message names at most this many tensors, a report's headline fewer; .where keeps them all.
 _NAMED_AT_MOST = 5
+_TITLE_NAMES = 3
 # Sustained growth also needs the norm to rise from one step to the next this often in the window,
 # so that a noisy but flat series whose end happens to sit above its start does not count.
 _GROWTH_RISING_SHARE = 0.8
@@ -55,8 +64,18 @@ _INDEX_CACHE_SIZE = 64
 _OUTPUT_SITE = "output"
 _INPUT_SITE = "input"
 _PLOT_DPI = 120
+_PLOT_WIDTH = 11.0
+# Panel heights in inches: the heatmap grows with the parameters, up to _PLOT_MAX_LABELS rows.
+_PLOT_PANEL = 2.0
+_PLOT_MIN_PANEL = 1.5
+_PLOT_ROW_INCHES = 0.16
 # Heatmap rows get at most this many labels; more would overlap.
 _PLOT_MAX_LABELS = 40
+# Step markers (NaN/Inf, skipped) sit at these heights of their panel, in axes coordinates, and the
+# log y axis is stretched by _PLOT_HEADROOM so that they do not cover the data.
+_PLOT_MARK_HIGH = 0.93
+_PLOT_MARK_LOW = 0.84
+_PLOT_HEADROOM = 100.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +108,8 @@ class MonitorHistory:
     grad_norms / grad_nan / grad_inf [k, n] (norm NaN: no gradient that step), and
     grad_first_nonfinite [n], the first step each parameter had a NaN/Inf gradient (-1: never; kept
     for the whole run, beyond the window).
-    Watched inputs and module outputs ("sites"), one row per step including the one in progress:
+    Watched inputs and module outputs ("sites", with the module's class name in site_types, "" for
+    inputs), one row per step including the one in progress:
     site_steps [k2], site_max_abs [k2, m] (largest finite |x|, NaN when not observed that step),
     site_nan / site_inf [k2, m], site_order [k2, m] (position in the forward order of the first
     call that saw NaN/Inf that step, -1 none), site_first_nonfinite [m] (-1: never; whole run).
@@ -107,6 +127,7 @@ class MonitorHistory:
     grad_first_nonfinite: np.ndarray
     sites: tuple[str, ...]
     site_is_input: tuple[bool, ...]
+    site_types: tuple[str, ...]
     site_steps: np.ndarray
     site_max_abs: np.ndarray
     site_nan: np.ndarray
@@ -118,6 +139,7 @@ class MonitorHistory:
 @dataclass(frozen=True)
 class _Thresholds:
     explode_factor: float
+    explode_abs_limit: float
     growth_factor: float
     growth_steps: int
     median_window: int
@@ -147,6 +169,9 @@ class GradMonitor:
         norm_type: norm of the per-parameter gradient norms, when step() computes them itself.
         max_norm: the clip threshold in use, drawn on the plot (else inferred from clipped steps).
         explode_factor: exploding: the total norm exceeds this multiple of its running median.
+        explode_abs_limit: exploding, whatever the history (say at step 1): the total norm exceeds
+            this (float32 squares overflow from 1.8e19; a healthy norm, even scaled by a float16
+            GradScaler, stays far below).
         growth_factor, growth_steps: exploding: the total norm grew this much in this many steps.
         median_window: steps in the running median.
         min_history: steps needed before a running statistic is trusted.
@@ -156,7 +181,9 @@ class GradMonitor:
         input_abs_limit: bad input: a finite input value larger than this in magnitude.
         input_jump_factor: bad input: an input's largest |x| exceeds this multiple of its running
             median.
-        clip_percentile: the suggested clip threshold is this percentile of the healthy total norms.
+        clip_percentile: the suggested clip threshold is this percentile of the healthy total norms
+            (those before the first anomaly, leaving out the first min_history steps, whose norms
+            right after initialisation are often far larger than later ones).
     """
 
     def __init__(
@@ -169,6 +196,7 @@ class GradMonitor:
         norm_type: float = 2.0,
         max_norm: float | None = None,
         explode_factor: float = 100.0,
+        explode_abs_limit: float = 1e12,
         growth_factor: float = 1e3,
         growth_steps: int = 20,
         median_window: int = 50,
@@ -177,7 +205,7 @@ class GradMonitor:
         vanish_steps: int = 10,
         input_abs_limit: float = 1e4,
         input_jump_factor: float = 100.0,
-        clip_percentile: float = 95.0,
+        clip_percentile: float = 90.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradMonitor: model must be a torch.nn.Module; got {type(model)}")
@@ -197,6 +225,7 @@ class GradMonitor:
             _check_range(name, value, 1.0, math.inf, "> 1")
         _check_range("vanish_ratio", vanish_ratio, 0.0, 1.0, "in (0, 1)")
         _check_range("input_abs_limit", input_abs_limit, 0.0, math.inf, "> 0")
+        _check_range("explode_abs_limit", explode_abs_limit, 0.0, math.inf, "> 0")
         if not 0 < clip_percentile <= 100:
             raise ValueError(f"clip_percentile must be in (0, 100]; got {clip_percentile!r}")
         if not float(norm_type) > 0:
@@ -212,6 +241,7 @@ class GradMonitor:
         self.max_norm = None if max_norm is None else float(max_norm)
         self.thresholds = _Thresholds(
             explode_factor=float(explode_factor),
+            explode_abs_limit=float(explode_abs_limit),
             growth_factor=float(growth_factor),
             growth_steps=growth_steps,
             median_window=median_window,
@@ -232,11 +262,13 @@ class GradMonitor:
         self._site_ring: dict[str, Tensor] = {}
         self._sites: dict[str, int] = {}
         self._site_is_input: list[bool] = []
+        self._site_types: dict[str, str] = {}
         self._index_cache: dict[tuple, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if watch_inputs:
             self._handles.append(model.register_forward_pre_hook(self._on_input, with_kwargs=True))
         for name, module in _resolve_modules(model, watch_modules):
+            self._site_types[name] = type(module).__name__
             self._handles.append(module.register_forward_hook(partial(self._on_output, name)))
 
     # ----------------------------------------------------------------- recording (no host sync)
@@ -526,6 +558,7 @@ class GradMonitor:
             grad_first_nonfinite=_never_to_minus_one(grad["first"]),
             sites=tuple(self._sites),
             site_is_input=tuple(self._site_is_input),
+            site_types=tuple(self._site_types.get(name, "") for name in self._sites),
             site_steps=site_steps,
             site_max_abs=np.where(np.isneginf(max_abs), np.nan, max_abs),
             site_nan=site["counts"][site_rows, 0, :m],
@@ -601,9 +634,10 @@ class GradMonitor:
         h = self.history()
         if h.steps.size == 0:
             raise RuntimeError("GradMonitor.plot(): no step recorded yet; call monitor.step()")
-        fig = _draw(Figure, h, diagnose_history(h, self.thresholds), self.max_norm, title)
+        findings = diagnose_history(h, self.thresholds)
+        fig = _draw(Figure, h, findings, self.max_norm, self.thresholds, title)
         path = Path(path)
-        fig.savefig(path, dpi=_PLOT_DPI)
+        fig.savefig(path, dpi=_PLOT_DPI, bbox_inches="tight")
         return path
 
 
@@ -678,10 +712,19 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _names(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_NAMED_AT_MOST])
-    more = len(names) - _NAMED_AT_MOST
+def _names(names: Sequence[str], at_most: int = _NAMED_AT_MOST) -> str:
+    shown = ", ".join(names[:at_most])
+    more = len(names) - at_most
     return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _count(x: float) -> str:
+    return f"{int(x):,}" if math.isfinite(x) else "?"
+
+
+def _site_label(h: MonitorHistory, j: int) -> str:
+    kind = h.site_types[j]
+    return f"module {h.sites[j]} ({kind})" if kind else h.sites[j]
 
 
 def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -710,27 +753,30 @@ def diagnose_history(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
 def _cross_reference(findings: list[Finding]) -> list[Finding]:
     """Notes pointing from a consequence to its likely cause at the same or an earlier step."""
     bad_input_steps = {f.step for f in findings if f.cause == "bad_input"}
-    nonfinite_grad_steps = [f.step for f in findings if f.cause == "nonfinite_gradients"]
     out = []
     for f in findings:
+        earlier = [
+            g
+            for g in findings
+            if g.step < f.step and g.cause in ("exploding_gradients", "nonfinite_gradients")
+        ]
         note = ""
         if f.cause in ("exploding_gradients", "nonfinite_gradients") and f.step in bad_input_steps:
             note = (
                 "A model input was bad at this same step (see bad input data): fix the data first."
             )
-        elif f.cause == "nonfinite_activations" and nonfinite_grad_steps:
-            earlier = min(nonfinite_grad_steps)
-            if earlier < f.step:
-                note = (
-                    f"Gradients were already NaN/Inf at step {earlier}; if the optimizer applied "
-                    "them, the weights now hold NaN/Inf: fix that first."
-                )
+        elif f.cause in ("nonfinite_gradients", "nonfinite_activations") and earlier:
+            first = min(earlier, key=lambda g: g.step)
+            note = (
+                f"{_TITLES[first.cause]} came first, at step {first.step}: if the optimizer "
+                "applied them, the weights may now hold huge or NaN/Inf values; fix that first."
+            )
         out.append(dataclasses.replace(f, message=f"{f.message} {note}") if note else f)
     return out
 
 
-def _healthy_totals(h: MonitorHistory, before_step: int) -> np.ndarray:
-    keep = (h.steps < before_step) & np.isfinite(h.total_norm)
+def _healthy_totals(h: MonitorHistory, before_step: int, skip_first: int) -> np.ndarray:
+    keep = (h.steps < before_step) & (h.steps >= skip_first) & np.isfinite(h.total_norm)
     return h.total_norm[keep]
 
 
@@ -759,13 +805,14 @@ def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
     onset = step
     if (h.grad_first_nonfinite >= 0).any():
         onset = min(onset, int(h.grad_first_nonfinite[h.grad_first_nonfinite >= 0].min()))
-    healthy = _healthy_totals(h, onset)
+    healthy = _healthy_totals(h, onset, th.min_history)
     if healthy.size >= th.min_history:
         suggestion = float(f"{np.percentile(healthy, th.clip_percentile):.2g}")
         advice = (
             f"Clip the total gradient norm at {_fmt(suggestion)}, the "
-            f"{th.clip_percentile:g}th percentile of the {healthy.size} healthy total norms seen "
-            f"before step {onset} (rather than a guess of 1.0 or 5.0): "
+            f"{th.clip_percentile:g}th percentile of the healthy total norms of steps "
+            f"{max(th.min_history, int(h.steps[0]))}-{onset - 1} (rather than a guess of 1.0 or "
+            "5.0): "
             f"gradstats.clip_grad_norm_(model.parameters(), max_norm={_fmt(suggestion)}) before "
             f"optimizer.step(), or gradstats.ClipGradOptimizer(optimizer, max_norm="
             f"{_fmt(suggestion)}, on_nonfinite='skip'). If the norm keeps growing, lower the "
@@ -787,10 +834,12 @@ def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
     where_cols = exploded or order[:_NAMED_AT_MOST]
     where = tuple(h.names[j] for j in where_cols)
     rises = ", ".join(f"{h.names[j]} x{_fmt(per_param[j])}" for j in where_cols[:_NAMED_AT_MOST])
-    message = (
-        f"{surge.text}; it peaked at {_fmt(float(total[peak_row]))} at step "
-        f"{int(h.steps[peak_row])}." + (f" Largest rises per parameter: {rises}." if rises else "")
+    peak = (
+        f"; it peaked at {_fmt(float(total[peak_row]))} at step {int(h.steps[peak_row])}"
+        if peak_row != surge.end_row
+        else ""
     )
+    message = f"{surge.text}{peak}." + (f" Largest rises per parameter: {rises}." if rises else "")
     evidence = {
         "total_norm": surge.value,
         "baseline": surge.base,
@@ -804,7 +853,8 @@ def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
 
 
 def _first_jump(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
-    """The first step far above the running median of the steps before it, and above all of them.
+    """The first step far above the running median of the steps before it and above all of them,
+    or above the absolute limit.
 
     Needing a new maximum as well keeps a late spike of a run whose norms have decayed (while
     converging) from counting: it is large only relative to a now-tiny median.
@@ -817,15 +867,23 @@ def _first_jump(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
         lo = max(0, i - th.median_window)
         before = total[lo:i]
         before = before[np.isfinite(before)]
-        if before.size >= th.min_history:
-            median = float(np.median(before))
-            if median > 0 and value > th.explode_factor * median and value > record:
-                text = (
-                    f"total gradient norm {_fmt(value)} at step {int(h.steps[i])}, "
-                    f"{_fmt(value / median)} times its running median {_fmt(median)} (over the "
-                    f"{before.size} steps before)"
-                )
-                return _Surge(i, i, np.arange(lo, i), float(value), median, text)
+        median = float(np.median(before)) if before.size else math.nan
+        trusted = before.size >= th.min_history and median > 0
+        if trusted and value > th.explode_factor * median and value > record:
+            text = (
+                f"total gradient norm {_fmt(value)} at step {int(h.steps[i])}, "
+                f"{_fmt(value / median)} times its running median {_fmt(median)} (over the "
+                f"{before.size} steps before)"
+            )
+            return _Surge(i, i, np.arange(lo, i), float(value), median, text)
+        if value > th.explode_abs_limit:
+            text = (
+                f"total gradient norm {_fmt(value)} at step {int(h.steps[i])}, above the absolute "
+                f"limit {_fmt(th.explode_abs_limit)}"
+            )
+            base = median if before.size else th.explode_abs_limit
+            rows = np.arange(lo, i) if before.size else np.array([i])
+            return _Surge(i, i, rows, float(value), base, text)
         record = max(record, float(value))
     return None
 
@@ -971,7 +1029,7 @@ def _bad_input(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
             inf = sum(ev["inf"] for _, ev in at_step)
             evidence = {"nan": nan, "inf": inf, "steps_affected": float(affected)}
             counted = (
-                f"{_fmt(nan)} NaN and {_fmt(inf)} Inf values"
+                f"{_count(nan)} NaN and {_count(inf)} Inf values"
                 if math.isfinite(nan)
                 else "NaN/Inf values (before the kept window: counts no longer kept)"
             )
@@ -1017,23 +1075,28 @@ def _nonfinite_gradients(h: MonitorHistory) -> list[Finding]:
     if in_window.size:
         row = int(in_window[0])
         nan, inf = float(h.grad_nan[row].sum()), float(h.grad_inf[row].sum())
-        counted = f"{_fmt(nan)} NaN and {_fmt(inf)} Inf gradient values"
+        counted = f"{_count(nan)} NaN and {_count(inf)} Inf gradient values"
     else:
         nan = inf = math.nan
         counted = "NaN/Inf gradient values (before the kept window: counts no longer kept)"
     last = int(h.steps[bad_rows][-1]) if affected else step
     message = (
-        f"{counted} at step {step}, first in {_names(where)}; {affected} of the "
+        f"{counted} at step {step}, in {len(where)} of {len(h.names)} parameters "
+        f"({_names(where)}); {affected} of the "
         f"{h.steps.size} kept steps had NaN/Inf gradients (last at step {last})."
     )
     evidence = {"nan": nan, "inf": inf, "steps_affected": float(affected), "last_step": float(last)}
     advice = (
         "Keep such steps from reaching the weights: gradstats.ClipGradOptimizer(optimizer, "
         "max_norm=..., on_nonfinite='skip') or clip_grad_norm_(..., on_nonfinite='skip'). Then "
-        "remove the source: see the other findings (bad input, exploding gradients), check the "
-        "loss for log(0) or division by zero, and pass watch_modules='all' to name the first "
-        "module whose output is NaN/Inf. With float16, use torch.amp.GradScaler or bfloat16."
+        "remove the source: see the other findings (bad input, exploding gradients) and check the "
+        "loss for log(0) or division by zero. With float16, use torch.amp.GradScaler or bfloat16."
     )
+    if all(h.site_is_input):
+        advice += (
+            " To name the first module whose output is NaN/Inf, create the monitor with "
+            "watch_modules='all'."
+        )
     return [Finding("nonfinite_gradients", where, step, evidence, message, advice)]
 
 
@@ -1044,8 +1107,8 @@ def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
     if is_input.all():
         return []
     advice_for = (
-        "{m} is the first watched module whose output held NaN/Inf while the model inputs were "
-        "finite. Check its parameters for NaN/Inf (an earlier update may have corrupted them) and "
+        "Check {m}, the first watched module whose output held NaN/Inf while the model inputs "
+        "were finite: its parameters for NaN/Inf (an earlier update may have corrupted them) and "
         "its arithmetic: log or sqrt of non-positive values, division by ~0, exp overflow, the "
         "float16 range (use bfloat16 or float32 there)."
     )
@@ -1056,9 +1119,11 @@ def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
         step = int(min(latched[j] for j in old))
         inputs_bad = (is_input & (latched == step)).any()
         if not inputs_bad:
-            where = tuple(h.sites[j] for j in old if latched[j] == step)
+            columns = [j for j in old if latched[j] == step]
+            where = tuple(h.sites[j] for j in columns)
+            labels = _names([_site_label(h, j) for j in columns])
             message = (
-                f"NaN/Inf in the output of {_names(where)} at step {step} (before the kept window: "
+                f"NaN/Inf in the output of {labels} at step {step} (before the kept window: "
                 "counts and forward order no longer kept)."
             )
             evidence = {"nan": math.nan, "inf": math.nan, "max_abs": math.nan}
@@ -1069,7 +1134,7 @@ def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
                     step,
                     evidence,
                     message,
-                    advice_for.format(m=where[0]),
+                    advice_for.format(m=labels),
                 )
             ]
     for row in range(h.site_steps.size):
@@ -1082,17 +1147,24 @@ def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
             continue
         step = int(h.site_steps[row])
         site = h.sites[first]
-        later = [h.sites[j] for j in seen[np.argsort(order[seen], kind="stable")] if j != first]
+        ranked = seen[np.argsort(order[seen], kind="stable")]
+        later = [_site_label(h, j) for j in ranked if j != first]
         nan, inf = float(h.site_nan[row, first]), float(h.site_inf[row, first])
         message = (
-            f"the output of {site} held {_fmt(nan)} NaN and {_fmt(inf)} Inf values at step {step} "
+            f"the output of {_site_label(h, first)} held {_count(nan)} NaN and {_count(inf)} Inf "
+            f"values at step {step} "
             f"from finite inputs: the first watched module to produce them in that forward pass"
             + (f" (then {_names(later)})." if later else ".")
         )
         evidence = {"nan": nan, "inf": inf, "max_abs": float(h.site_max_abs[row, first])}
         return [
             Finding(
-                "nonfinite_activations", (site,), step, evidence, message, advice_for.format(m=site)
+                "nonfinite_activations",
+                (site,),
+                step,
+                evidence,
+                message,
+                advice_for.format(m=_site_label(h, first)),
             )
         ]
     return []
@@ -1126,7 +1198,10 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
     lines.append(f"{len(findings)} finding(s), oldest first:")
     for i, f in enumerate(findings, 1):
         lines.append("")
-        lines.append(f"{i}. {_TITLES[f.cause]} at step {f.step}, in {_names(f.where)}")
+        where = _names(f.where, _TITLE_NAMES)
+        if f.cause == "nonfinite_activations":
+            where = f"module {where}"
+        lines.append(f"{i}. {_TITLES[f.cause]} at step {f.step}, in {where}")
         lines.append(textwrap.fill(f.message, width, initial_indent="   ", subsequent_indent="   "))
         lines.append(
             textwrap.fill(
@@ -1139,17 +1214,43 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
 # --------------------------------------------------------------------------------- plot
 
 
-def _draw(figure_cls: type, h: MonitorHistory, findings: list[Finding], max_norm, title):
+def _draw(figure_cls: type, h: MonitorHistory, findings: list[Finding], max_norm, th, title):
+    from matplotlib.ticker import NullFormatter
+
+    n = len(h.names)
+    inputs = [j for j, is_input in enumerate(h.site_is_input) if is_input]
+    heat_height = max(_PLOT_MIN_PANEL, min(n, _PLOT_MAX_LABELS) * _PLOT_ROW_INCHES)
+    heights = [heat_height, _PLOT_PANEL] + ([_PLOT_PANEL] if inputs else [])
+    fig = figure_cls(figsize=(_PLOT_WIDTH, sum(heights) + 1.0), layout="constrained")
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[50, 1])
+    heat = fig.add_subplot(grid[0, 0])
+    panels = [fig.add_subplot(grid[k, 0], sharex=heat) for k in range(1, len(heights))]
+    for k in range(1, len(heights)):
+        fig.add_subplot(grid[k, 1]).axis("off")
+    image = _draw_heatmap(heat, h)
+    heat.set_title(
+        title or "Per-parameter gradient norm (log10; black: exactly 0, red: NaN/Inf, grey: none)"
+    )
+    fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), extend="min").set_label("log10 norm")
+    _draw_total(panels[0], h, max_norm)
+    if inputs:
+        _draw_inputs(panels[1], h, inputs, th)
+    for axes in [heat, *panels[:-1]]:
+        axes.tick_params(labelbottom=False)
+    for axes in panels:
+        axes.yaxis.set_minor_formatter(NullFormatter())
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(loc="upper left", fontsize=7)
+        _mark_findings(axes, findings, labelled=axes is panels[0])
+    panels[-1].set_xlabel("step")
+    return fig
+
+
+def _draw_heatmap(axes, h: MonitorHistory):
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
     n, steps = len(h.names), h.steps
-    height = 3.0 + min(n, _PLOT_MAX_LABELS) * 0.16
-    fig = figure_cls(figsize=(11, height), layout="constrained")
-    grid = fig.add_gridspec(2, 2, height_ratios=[max(2.0, height - 3.0), 2.0], width_ratios=[50, 1])
-    heat = fig.add_subplot(grid[0, 0])
-    line = fig.add_subplot(grid[1, 0], sharex=heat)
-
     norms = h.grad_norms.T
     nonfinite = (h.grad_nan + h.grad_inf).T > 0
     positive = np.isfinite(norms) & (norms > 0)
@@ -1165,73 +1266,79 @@ def _draw(figure_cls: type, h: MonitorHistory, findings: list[Finding], max_norm
     cmap.set_under("black")
     cmap.set_bad("lightgrey")
     extent = (steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5)
-    image = heat.imshow(
-        data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, extent=extent
-    )
-    heat.imshow(
-        np.ma.masked_array(np.ones_like(logs), mask=~nonfinite),
-        aspect="auto",
-        interpolation="nearest",
-        cmap=ListedColormap(["red"]),
-        extent=extent,
-    )
-    label_every = max(1, math.ceil(n / _PLOT_MAX_LABELS))
-    heat.set_yticks(range(0, n, label_every), [h.names[i] for i in range(0, n, label_every)])
-    heat.tick_params(axis="y", labelsize=7)
-    heat.set_title(
-        title
-        or "Per-parameter gradient norm (log10; black: exactly 0, red: NaN/Inf, grey: no grad)"
-    )
-    colorbar = fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), extend="min")
-    colorbar.set_label("log10 norm")
-    fig.add_subplot(grid[1, 1]).axis("off")
+    style = {"aspect": "auto", "interpolation": "nearest", "extent": extent}
+    image = axes.imshow(data, cmap=cmap, vmin=lo, vmax=hi, **style)
+    red = np.ma.masked_array(np.ones_like(logs), mask=~nonfinite)
+    axes.imshow(red, cmap=ListedColormap(["red"]), **style)
+    every = max(1, math.ceil(n / _PLOT_MAX_LABELS))
+    axes.set_yticks(range(0, n, every), [h.names[i] for i in range(0, n, every)])
+    axes.tick_params(axis="y", labelsize=7)
+    return image
 
-    total = h.total_norm
+
+def _draw_total(axes, h: MonitorHistory, max_norm: float | None) -> None:
+    steps, total = h.steps, h.total_norm
     ok = np.isfinite(total) & (total > 0)
-    line.semilogy(steps[ok], total[ok], marker=".", linewidth=1, label="total norm")
-    threshold = max_norm
+    axes.semilogy(steps[ok], total[ok], marker=".", linewidth=1, label="total norm")
     clipped = ok & (h.clip_coef < 1)
+    threshold = max_norm
     if threshold is None and clipped.any():
         threshold = float(np.median(h.clip_coef[clipped] * (total[clipped] + CLIP_EPS)))
     if threshold is not None:
-        line.axhline(threshold, color="orange", linestyle="--", label=f"clip at {_fmt(threshold)}")
+        axes.axhline(threshold, color="orange", linestyle="--", label=f"clip at {_fmt(threshold)}")
     if clipped.any():
-        line.plot(steps[clipped], total[clipped], "o", mfc="none", color="orange", label="clipped")
+        axes.plot(steps[clipped], total[clipped], "o", mfc="none", color="orange", label="clipped")
     bad = ~np.isfinite(total) | ((h.grad_nan + h.grad_inf).sum(axis=1) > 0)
-    top = line.get_xaxis_transform()
-    if bad.any():
-        line.plot(
-            steps[bad],
-            np.full(bad.sum(), 0.95),
-            "x",
-            color="red",
-            transform=top,
-            label="NaN/Inf gradients",
+    _mark_steps(axes, steps[bad], _PLOT_MARK_HIGH, "x", "red", "NaN/Inf gradients")
+    _mark_steps(axes, steps[h.skipped == 1], _PLOT_MARK_LOW, "v", "purple", "skipped")
+    _headroom(axes)
+    axes.set_ylabel(f"total grad norm (L{_fmt(h.norm_type)})")
+
+
+def _draw_inputs(axes, h: MonitorHistory, inputs: list[int], th: _Thresholds) -> None:
+    steps = h.site_steps
+    for j in inputs:
+        seen = np.isfinite(h.site_max_abs[:, j]) & (h.site_max_abs[:, j] > 0)
+        axes.semilogy(
+            steps[seen], h.site_max_abs[seen, j], marker=".", linewidth=1, label=h.sites[j]
         )
-    skipped = h.skipped == 1
-    if skipped.any():
-        line.plot(
-            steps[skipped],
-            np.full(skipped.sum(), 0.85),
-            "v",
-            color="purple",
-            transform=top,
-            label="skipped",
-        )
+    axes.axhline(th.input_abs_limit, color="orange", linestyle="--", label="extreme-input limit")
+    bad = (h.site_nan[:, inputs] + h.site_inf[:, inputs]).sum(axis=1) > 0
+    _mark_steps(axes, steps[bad], _PLOT_MARK_HIGH, "x", "red", "NaN/Inf inputs")
+    _headroom(axes)
+    axes.set_ylabel("input: largest |x|")
+
+
+def _mark_steps(axes, steps: np.ndarray, height: float, marker: str, color: str, label: str):
+    """Markers at a fixed height of the axes (in axes coordinates), above the data."""
+    if steps.size:
+        heights = np.full(steps.size, height)
+        transform = axes.get_xaxis_transform()
+        axes.plot(steps, heights, marker, color=color, transform=transform, label=label)
+
+
+def _headroom(axes) -> None:
+    """Room above the data for the markers: the top of a log axis raised by a few decades."""
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, high * _PLOT_HEADROOM)
+
+
+def _mark_findings(axes, findings: list[Finding], labelled: bool) -> None:
+    by_step: dict[int, list[str]] = {}
     for f in findings:
-        line.axvline(f.step, color="grey", linestyle=":", linewidth=1)
-        line.text(
-            f.step,
+        by_step.setdefault(f.step, []).append(_SHORT[f.cause])
+    transform = axes.get_xaxis_transform()
+    for step, causes in by_step.items():
+        axes.axvline(step, color="grey", linestyle=":", linewidth=1)
+        if not labelled:
+            continue
+        axes.text(
+            step,
             0.02,
-            f" {f.cause}",
-            transform=top,
+            " " + ", ".join(causes),
+            transform=transform,
             rotation=90,
             fontsize=7,
             va="bottom",
             color="dimgrey",
         )
-    line.set_xlabel("step")
-    line.set_ylabel(f"total norm (L{_fmt(h.norm_type)})")
-    line.grid(True, which="major", alpha=0.3)
-    line.legend(loc="upper left", fontsize=7)
-    return fig
