@@ -1262,9 +1262,7 @@ def _draw_heatmap(axes, h: MonitorHistory):
         lo, hi = lo - 1, hi + 1
     # Exactly-zero gradients sit below the colour range and show in the colormap's "under" colour.
     data = np.ma.masked_array(np.where(norms == 0, lo - 1, logs), mask=~(positive | (norms == 0)))
-    cmap = colormaps["viridis"].copy()
-    cmap.set_under("black")
-    cmap.set_bad("lightgrey")
+    cmap = colormaps["viridis"].with_extremes(under="black", bad="lightgrey")
     extent = (steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5)
     style = {"aspect": "auto", "interpolation": "nearest", "extent": extent}
     image = axes.imshow(data, cmap=cmap, vmin=lo, vmax=hi, **style)
