@@ -58,6 +58,8 @@ _TITLE_NAMES = 3
 # Sustained growth also needs the norm to rise from one step to the next this often in the window,
 # so that a noisy but flat series whose end happens to sit above its start does not count.
 _GROWTH_RISING_SHARE = 0.8
+# A gradient ring row ends with the total norm, the clip coefficient and the skipped flag.
+_GRAD_SCALARS = 3
 # Cached column index tensors per parameter list (a list that changes every step must not grow it).
 _INDEX_CACHE_SIZE = 64
 # The root module's output, when watched, is called this.
@@ -137,7 +139,9 @@ class MonitorHistory:
 
 
 @dataclass(frozen=True)
-class _Thresholds:
+class MonitorThresholds:
+    """The detection thresholds of a GradMonitor (its constructor's arguments of the same names)."""
+
     explode_factor: float
     explode_abs_limit: float
     growth_factor: float
@@ -239,7 +243,7 @@ class GradMonitor:
         self.window = window
         self.norm_type = float(norm_type)
         self.max_norm = None if max_norm is None else float(max_norm)
-        self.thresholds = _Thresholds(
+        self.thresholds = MonitorThresholds(
             explode_factor=float(explode_factor),
             explode_abs_limit=float(explode_abs_limit),
             growth_factor=float(growth_factor),
@@ -258,8 +262,20 @@ class GradMonitor:
         self._step = 0
         self._seq = 0
         self._device: torch.device | None = None
-        self._grad_ring: dict[str, Tensor] = {}
-        self._site_ring: dict[str, Tensor] = {}
+        # Gradients: one float64 row per step (see _grad_layout), written by a single torch.cat.
+        self._grad_ring: Tensor | None = None
+        self._blank_row: Tensor | None = None
+        self._grad_first: Tensor | None = None
+        self._constants: dict[str, Tensor] = {}
+        # Watched inputs and outputs ("sites"): NaN and Inf counts, largest finite |x| (float32:
+        # the fused op's norm dtype for all but float64 inputs), first step with NaN/Inf.
+        self._site_counts: Tensor | None = None
+        self._site_max: Tensor | None = None
+        self._site_first: Tensor | None = None
+        # Per step, whether each hook call saw NaN/Inf (device) and the sites of each call (host):
+        # the first call that saw any names the first site to produce them.
+        self._call_log: Tensor | None = None
+        self._calls: list[list[tuple[int, ...]]] = [[] for _ in range(window)]
         self._sites: dict[str, int] = {}
         self._site_is_input: list[bool] = []
         self._site_types: dict[str, str] = {}
@@ -272,6 +288,11 @@ class GradMonitor:
             self._handles.append(module.register_forward_hook(partial(self._on_output, name)))
 
     # ----------------------------------------------------------------- recording (no host sync)
+    #
+    # A step costs one torch.cat into the gradient ring plus two resets of the site ring; a hook
+    # call costs the fused op plus three small writes. Each small op costs microseconds of CPU
+    # time, so there are as few as possible: the first-step-with-NaN latches are brought up to
+    # date once every `window` steps (_fold_*), just before the rings start to overwrite.
 
     @property
     def num_steps(self) -> int:
@@ -297,36 +318,40 @@ class GradMonitor:
         """
         with torch.no_grad():
             params_list, stats = self._resolve_step(stats, params)
-            self._set_device(stats.counts.device)
-            ring = self._grad_buffers()
-            slot = self._step % self.window
-            norms = self._here(stats.norms).to(torch.float64)
-            counts = self._here(stats.counts[NAN_ROW : INF_ROW + 1, :-1])
-            columns = self._grad_columns(params_list)
-            if columns is None:
-                ring["norms"][slot].copy_(norms)
-                ring["counts"][slot].copy_(counts)
+            self._set_device()
+            if self._grad_ring is None:
+                self._allocate_grad_ring()
+            elif self._step % self.window == 0:
+                self._fold_grad_ring()
+            counts = self._here(stats.counts)
+            parts = [
+                self._here(stats.norms),
+                counts[NAN_ROW, :-1],
+                counts[INF_ROW, :-1],
+                self._here(stats.total_norm).reshape(1),
+                self._constants["one"]
+                if stats.clip_coef is None
+                else self._here(stats.clip_coef).reshape(1),
+                self._skipped_value(skipped),
+            ]
+            row = self._grad_ring[self._step % self.window]
+            positions = self._grad_positions(params_list)
+            if positions is None:
+                # cat casts each part straight into the float64 row: counts stay exact.
+                torch.cat(parts, out=row)
             else:
-                ring["norms"][slot].fill_(math.nan).index_copy_(0, columns, norms)
-                ring["counts"][slot].zero_().index_copy_(1, columns, counts)
-            ring["total"][slot].copy_(stats.total_norm)
-            if stats.clip_coef is None:
-                ring["coef"][slot].fill_(1.0)
-            else:
-                ring["coef"][slot].copy_(stats.clip_coef)
-            if skipped is None:
-                ring["skipped"][slot].fill_(math.nan)
-            elif isinstance(skipped, Tensor):
-                ring["skipped"][slot].copy_(skipped)
-            else:
-                ring["skipped"][slot].fill_(float(bool(skipped)))
-            bad = ring["counts"][slot].sum(0) > 0
-            first = ring["first"]
-            torch.minimum(first, torch.where(bad, self._step, _NEVER), out=first)
+                values = torch.empty(positions.numel(), dtype=torch.float64, device=self._device)
+                torch.cat(parts, out=values)
+                row.copy_(self._blank_row).index_copy_(0, positions, values)
         self._step += 1
         self._seq = 0
-        if self._site_ring:
-            self._reset_site_slot(self._step % self.window)
+        slot = self._step % self.window
+        self._calls[slot] = []
+        if self._site_counts is not None:
+            if slot == 0:
+                self._fold_site_ring()
+            self._site_counts[slot].zero_()
+            self._site_max[slot].fill_(-math.inf)
 
     def _resolve_step(
         self, stats: GradStats | None, params: Sequence[Tensor] | None
@@ -359,13 +384,20 @@ class GradMonitor:
             )
         return params, stats
 
-    def _grad_columns(self, params: list[Tensor]) -> Tensor | None:
-        """The ring columns of params (None: all parameters in model order, a plain copy)."""
-        key = tuple(map(id, params))
+    def _skipped_value(self, skipped: Tensor | bool | None) -> Tensor:
+        if skipped is None:
+            return self._constants["nan"]
+        if isinstance(skipped, Tensor):
+            return self._here(skipped).reshape(1)
+        return self._constants["one" if skipped else "zero"]
+
+    def _grad_positions(self, params: list[Tensor]) -> Tensor | None:
+        """Where this step's values go in a ring row; None for all parameters in model order."""
         if len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params)):
             return None
-        index = self._index_cache.get(key)
-        if index is None:
+        key = tuple(map(id, params))
+        positions = self._index_cache.get(key)
+        if positions is None:
             columns = []
             for i, p in enumerate(params):
                 column = self._column.get(id(p))
@@ -375,37 +407,60 @@ class GradMonitor:
                         "parameter of the monitored model that requires grad"
                     )
                 columns.append(column)
-            index = self._new_index(key, columns)
-        return index
+            n = len(self._params)
+            tail = [3 * n + k for k in range(_GRAD_SCALARS)]
+            layout = columns + [n + c for c in columns] + [2 * n + c for c in columns] + tail
+            positions = self._new_index(key, layout)
+        return positions
 
-    def _new_index(self, key: tuple, columns: list[int]) -> Tensor:
+    def _new_index(self, key: tuple, values: list[int]) -> Tensor:
         if len(self._index_cache) >= _INDEX_CACHE_SIZE:
             self._index_cache.clear()
-        index = torch.tensor(columns, dtype=torch.long, device=self._device)
+        index = torch.tensor(values, dtype=torch.long, device=self._device)
         self._index_cache[key] = index
         return index
 
-    def _set_device(self, device: torch.device) -> None:
+    def _set_device(self) -> None:
+        """The rings live with the model's (first) parameter, where the gradients are: chosen at the
+        first observation, so that model.to(device) after creating the monitor is fine."""
         if self._device is None:
-            self._device = device
+            self._device = self._params[0].device
 
     def _here(self, t: Tensor) -> Tensor:
         if t.device == self._device:
             return t
         return t.to(self._device, non_blocking=self._device.type == "cuda")
 
-    def _grad_buffers(self) -> dict[str, Tensor]:
-        if not self._grad_ring:
-            w, n, dev = self.window, len(self._params), self._device
-            self._grad_ring = {
-                "norms": torch.full((w, n), math.nan, dtype=torch.float64, device=dev),
-                "counts": torch.zeros((w, 2, n), dtype=torch.int64, device=dev),
-                "total": torch.full((w,), math.nan, dtype=torch.float64, device=dev),
-                "coef": torch.ones((w,), dtype=torch.float64, device=dev),
-                "skipped": torch.full((w,), math.nan, dtype=torch.float64, device=dev),
-                "first": torch.full((n,), _NEVER, dtype=torch.int64, device=dev),
-            }
-        return self._grad_ring
+    def _allocate_grad_ring(self) -> None:
+        n, dev = len(self._params), self._device
+        f64 = {"dtype": torch.float64, "device": dev}
+        # A row: norms [n] | NaN counts [n] | Inf counts [n] | total norm, clip coef, skipped.
+        blank = torch.cat(
+            [
+                torch.full((n,), math.nan, **f64),
+                torch.zeros(2 * n, **f64),
+                torch.tensor([math.nan, 1.0, math.nan], **f64),
+            ]
+        )
+        self._blank_row = blank
+        self._grad_ring = blank.repeat(self.window, 1)
+        self._grad_first = torch.full((n,), _NEVER, dtype=torch.int64, device=dev)
+        self._constants = {
+            "nan": torch.full((1,), math.nan, **f64),
+            "one": torch.ones(1, **f64),
+            "zero": torch.zeros(1, **f64),
+        }
+
+    def _fold_grad_ring(self) -> None:
+        """Moves each parameter's first step with NaN/Inf from the ring into the latch, before the
+        ring overwrites its rows; row r then holds step (num_steps - window + r)."""
+        n, ring = len(self._params), self._grad_ring
+        bad = (ring[:, n : 2 * n] + ring[:, 2 * n : 3 * n]) > 0
+        _fold(self._grad_first, bad, self._step - self.window, self._device)
+
+    def _fold_site_ring(self) -> None:
+        bad = self._site_counts.sum(1) > 0
+        _fold(self._site_first, bad, self._step - self.window, self._device)
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         leaves: list[tuple[str, Tensor]] = []
@@ -424,24 +479,22 @@ class GradMonitor:
 
     def _observe(self, names: tuple[str, ...], tensors: list[Tensor], is_input: bool) -> None:
         """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
-        (several forwards in one step add up), with the forward order of the first NaN/Inf."""
+        (several forwards in one step add up), and whether this call saw NaN/Inf."""
         with torch.no_grad():
             st = compute([t.detach() for t in tensors], math.inf, math.inf, "zero")
-            self._set_device(st.counts.device)
+            self._set_device()
             index = self._site_columns(names, is_input)
-            ring = self._site_ring
             slot = self._step % self.window
-            ring["counts"][slot].index_add_(
-                1, index, self._here(st.counts[NAN_ROW : INF_ROW + 1, :-1])
+            if self._seq >= self._call_log.shape[1]:
+                size = max(self._seq + 1, 2 * self._call_log.shape[1])
+                self._call_log = _grow_columns(self._call_log, size, False)
+            counts = self._here(st.counts)
+            self._site_counts[slot].index_add_(1, index, counts[NAN_ROW : INF_ROW + 1, :-1])
+            self._site_max[slot].scatter_reduce_(
+                0, index, self._here(st.norms).to(torch.float32), "amax"
             )
-            ring["max_abs"][slot].scatter_reduce_(
-                0, index, self._here(st.norms).to(torch.float64), "amax"
-            )
-            bad = self._here(st.counts[NONFINITE_ROW, :-1]) > 0
-            ring["order"][slot].scatter_reduce_(
-                0, index, torch.where(bad, self._seq, _NEVER), "amin"
-            )
-            ring["first"].scatter_reduce_(0, index, torch.where(bad, self._step, _NEVER), "amin")
+            self._call_log[slot, self._seq].copy_(counts[NONFINITE_ROW, -1])
+        self._calls[slot].append(tuple(self._sites[name] for name in names))
         self._seq += 1
 
     def _site_columns(self, names: tuple[str, ...], is_input: bool) -> Tensor:
@@ -458,25 +511,19 @@ class GradMonitor:
 
     def _grow_site_ring(self, needed: int) -> None:
         """Sites appear as the forward runs; the columns grow (doubling) when one needs room."""
-        have = self._site_ring["first"].numel() if self._site_ring else 0
-        if needed <= have:
+        if self._site_counts is None:
+            w, dev = self.window, self._device
+            self._site_counts = torch.zeros((w, 2, needed), dtype=torch.int64, device=dev)
+            self._site_max = torch.full((w, needed), -math.inf, dtype=torch.float32, device=dev)
+            self._site_first = torch.full((needed,), _NEVER, dtype=torch.int64, device=dev)
+            self._call_log = torch.zeros((w, needed), dtype=torch.bool, device=dev)
             return
-        m, w, dev = max(needed, 2 * have), self.window, self._device
-        grown = {
-            "counts": torch.zeros((w, 2, m), dtype=torch.int64, device=dev),
-            "max_abs": torch.full((w, m), -math.inf, dtype=torch.float64, device=dev),
-            "order": torch.full((w, m), _NEVER, dtype=torch.int64, device=dev),
-            "first": torch.full((m,), _NEVER, dtype=torch.int64, device=dev),
-        }
-        for key, old in self._site_ring.items():
-            grown[key][..., :have].copy_(old)
-        self._site_ring = grown
-
-    def _reset_site_slot(self, slot: int) -> None:
-        ring = self._site_ring
-        ring["counts"][slot].zero_()
-        ring["max_abs"][slot].fill_(-math.inf)
-        ring["order"][slot].fill_(_NEVER)
+        have = self._site_first.numel()
+        if needed > have:
+            size = max(needed, 2 * have)
+            self._site_counts = _grow_columns(self._site_counts, size, 0)
+            self._site_max = _grow_columns(self._site_max, size, -math.inf)
+            self._site_first = _grow_columns(self._site_first, size, _NEVER)
 
     # ---------------------------------------------------------------------------- hooks
 
@@ -502,10 +549,18 @@ class GradMonitor:
 
     def history(self) -> MonitorHistory:
         """The ring buffers on the host, oldest step first (one device-to-host copy)."""
-        grad_keys = ("norms", "counts", "total", "coef", "skipped", "first")
-        site_keys = ("counts", "max_abs", "order", "first")
-        buffers = [self._grad_ring[k] for k in grad_keys if self._grad_ring]
-        buffers += [self._site_ring[k] for k in site_keys if self._site_ring]
+        buffers = [
+            b
+            for b in (
+                self._grad_ring,
+                self._grad_first,
+                self._site_counts,
+                self._site_max,
+                self._site_first,
+                self._call_log,
+            )
+            if b is not None
+        ]
         flat = (
             torch.cat([b.reshape(-1).to(torch.float64) for b in buffers]).cpu().numpy()
             if buffers
@@ -515,56 +570,53 @@ class GradMonitor:
         for b in buffers:
             parts.append(flat[at : at + b.numel()].reshape(tuple(b.shape)))
             at += b.numel()
-        grad = dict(zip(grad_keys, parts)) if self._grad_ring else None
-        site = (
-            dict(zip(site_keys, parts[len(grad_keys) if grad else 0 :]))
-            if self._site_ring
-            else None
-        )
-
         w, n, m = self.window, len(self.names), len(self._sites)
+        if self._grad_ring is None:
+            ring, grad_first = np.zeros((w, 3 * n + _GRAD_SCALARS)), np.full(n, float(_NEVER))
+        else:
+            ring, grad_first = parts[0], parts[1]
         kept = min(self._step, w)
         steps = np.arange(self._step - kept, self._step)
-        rows = steps % w
-        if grad is None:
-            grad = {
-                "norms": np.zeros((w, n)),
-                "counts": np.zeros((w, 2, n)),
-                "total": np.zeros(w),
-                "coef": np.zeros(w),
-                "skipped": np.zeros(w),
-                "first": np.full(n, float(_NEVER)),
-            }
+        rows = ring[steps % w]
+        grad_nan, grad_inf = rows[:, n : 2 * n], rows[:, 2 * n : 3 * n]
+
         site_steps = np.arange(max(0, self._step - w + 1), self._step + 1)
         site_rows = site_steps % w
-        if site is None:
-            site = {
-                "counts": np.zeros((w, 2, 0)),
-                "max_abs": np.zeros((w, 0)),
-                "order": np.zeros((w, 0)),
-                "first": np.zeros(0),
-            }
-        max_abs = site["max_abs"][site_rows, :m]
+        if self._site_counts is None:
+            counts, max_abs = np.zeros((w, 2, 0)), np.zeros((w, 0))
+            site_first, call_log = np.zeros(0), np.zeros((w, 0))
+        else:
+            counts, max_abs, site_first, call_log = parts[-4:]
+        site_nan, site_inf = counts[site_rows, 0, :m], counts[site_rows, 1, :m]
+        max_abs = max_abs[site_rows, :m]
+        order = np.full((site_steps.size, m), -1, dtype=np.int64)
+        for i, slot in enumerate(site_rows):
+            position = 0
+            for seq, columns in enumerate(self._calls[slot]):
+                if call_log[slot, seq] > 0:
+                    fresh = [c for c in columns if order[i, c] < 0]
+                    order[i, fresh] = position
+                    position += bool(fresh)
         return MonitorHistory(
             names=self.names,
             norm_type=self.norm_type,
             steps=steps,
-            total_norm=grad["total"][rows],
-            clip_coef=grad["coef"][rows],
-            skipped=grad["skipped"][rows],
-            grad_norms=grad["norms"][rows],
-            grad_nan=grad["counts"][rows, 0],
-            grad_inf=grad["counts"][rows, 1],
-            grad_first_nonfinite=_never_to_minus_one(grad["first"]),
+            total_norm=rows[:, 3 * n],
+            clip_coef=rows[:, 3 * n + 1],
+            skipped=rows[:, 3 * n + 2],
+            grad_norms=rows[:, :n],
+            grad_nan=grad_nan,
+            grad_inf=grad_inf,
+            grad_first_nonfinite=_first_step(grad_first, grad_nan + grad_inf, steps),
             sites=tuple(self._sites),
             site_is_input=tuple(self._site_is_input),
             site_types=tuple(self._site_types.get(name, "") for name in self._sites),
             site_steps=site_steps,
             site_max_abs=np.where(np.isneginf(max_abs), np.nan, max_abs),
-            site_nan=site["counts"][site_rows, 0, :m],
-            site_inf=site["counts"][site_rows, 1, :m],
-            site_order=_never_to_minus_one(site["order"][site_rows, :m]),
-            site_first_nonfinite=_never_to_minus_one(site["first"][:m]),
+            site_nan=site_nan,
+            site_inf=site_inf,
+            site_order=order,
+            site_first_nonfinite=_first_step(site_first[:m], site_nan + site_inf, site_steps),
         )
 
     def diagnose(self) -> list[Finding]:
@@ -584,19 +636,15 @@ class GradMonitor:
         if self._step == 0:
             raise RuntimeError("GradMonitor.scalars(): no step recorded yet; call monitor.step()")
         slot = (self._step - 1) % self.window
-        g = self._grad_ring
-        parts = [
-            g["total"][slot].reshape(1),
-            g["coef"][slot].reshape(1),
-            g["counts"][slot].sum().reshape(1).to(torch.float64),
-            g["norms"][slot],
-        ]
-        m = len(self._sites)
+        n, m = len(self.names), len(self._sites)
+        row = self._grad_ring[slot]
+        parts = [row[3 * n : 3 * n + 2], row[n : 3 * n].sum().reshape(1), row[:n]]
         if m:
-            s = self._site_ring
-            parts += [s["max_abs"][slot, :m], s["counts"][slot, :, :m].sum(0).to(torch.float64)]
+            parts += [
+                self._site_max[slot, :m].to(torch.float64),
+                self._site_counts[slot, :, :m].sum(0).to(torch.float64),
+            ]
         values = torch.cat(parts).tolist()
-        n = len(self.names)
         out = {
             f"{prefix}total_norm": values[0],
             f"{prefix}clip_coef": values[1],
@@ -654,8 +702,26 @@ def _check_range(name: str, value: float, low: float, high: float, text: str) ->
         raise ValueError(f"{name} must be {text}; got {value!r}")
 
 
-def _never_to_minus_one(a: np.ndarray) -> np.ndarray:
-    return np.where(a >= _NEVER, -1, a).astype(np.int64)
+def _fold(latch: Tensor, bad: Tensor, first_step: int, device: torch.device) -> None:
+    """latch = min(latch, the first step whose row in bad [window, k] is set), on the device;
+    row r of bad is step first_step + r."""
+    steps = torch.arange(first_step, first_step + bad.shape[0], device=device).unsqueeze(1)
+    torch.minimum(latch, torch.where(bad, steps, _NEVER).amin(0), out=latch)
+
+
+def _first_step(latch: np.ndarray, bad_counts: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The first step with NaN/Inf per column, from the latch and the kept rows; -1 for never."""
+    bad = bad_counts > 0
+    in_rows = np.where(bad.any(axis=0), steps[np.argmax(bad, axis=0)] if steps.size else 0, _NEVER)
+    first = np.minimum(latch, in_rows)
+    return np.where(first >= _NEVER, -1, first).astype(np.int64)
+
+
+def _grow_columns(t: Tensor, size: int, fill: float | bool) -> Tensor:
+    """t with its last dimension grown to size, the new columns set to fill."""
+    grown = torch.full((*t.shape[:-1], size), fill, dtype=t.dtype, device=t.device)
+    grown[..., : t.shape[-1]].copy_(t)
+    return grown
 
 
 def _floating_leaves(name: str, obj: Any, out: list[tuple[str, Tensor]]) -> None:
@@ -737,7 +803,7 @@ def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------- diagnosis
 
 
-def diagnose_history(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+def diagnose_history(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     """Applies the detection rules to a history; findings sorted by step, then cause."""
     findings = [
         *_bad_input(h, th),
@@ -793,7 +859,7 @@ class _Surge:
     text: str
 
 
-def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+def _exploding(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     total = h.total_norm
     surges = [s for s in (_first_jump(h, th), _first_growth(h, th)) if s is not None]
     if not surges:
@@ -852,7 +918,7 @@ def _exploding(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
     return [Finding("exploding_gradients", where, step, evidence, message, advice)]
 
 
-def _first_jump(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
+def _first_jump(h: MonitorHistory, th: MonitorThresholds) -> _Surge | None:
     """The first step far above the running median of the steps before it and above all of them,
     or above the absolute limit.
 
@@ -888,7 +954,7 @@ def _first_jump(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
     return None
 
 
-def _first_growth(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
+def _first_growth(h: MonitorHistory, th: MonitorThresholds) -> _Surge | None:
     """The first growth_steps-long stretch over which the norm grew growth_factor-fold, rising at
     most steps, to a new maximum; the finding is placed where the growth began."""
     total, span = h.total_norm, th.growth_steps
@@ -914,7 +980,7 @@ def _first_growth(h: MonitorHistory, th: _Thresholds) -> _Surge | None:
     return None
 
 
-def _vanishing(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     norms = h.grad_norms
     if norms.shape[0] < th.vanish_steps:
         return []
@@ -984,7 +1050,7 @@ _BAD_INPUT_ADVICE = {
 }
 
 
-def _bad_input(h: MonitorHistory, th: _Thresholds) -> list[Finding]:
+def _bad_input(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     """One finding per kind (non-finite, extreme magnitude), at the first step any input had it."""
     events: dict[str, list[tuple[int, int, dict[str, float]]]] = {"nonfinite": [], "extreme": []}
     for j, is_input in enumerate(h.site_is_input):
@@ -1293,7 +1359,7 @@ def _draw_total(axes, h: MonitorHistory, max_norm: float | None) -> None:
     axes.set_ylabel(f"total grad norm (L{_fmt(h.norm_type)})")
 
 
-def _draw_inputs(axes, h: MonitorHistory, inputs: list[int], th: _Thresholds) -> None:
+def _draw_inputs(axes, h: MonitorHistory, inputs: list[int], th: MonitorThresholds) -> None:
     steps = h.site_steps
     for j in inputs:
         seen = np.isfinite(h.site_max_abs[:, j]) & (h.site_max_abs[:, j] > 0)

@@ -397,6 +397,30 @@ def test_first_module_to_produce_nan_is_named(device):
     assert "then module 2 (Linear)" in findings[0].message
 
 
+class SharedActivation(nn.Module):
+    """One ReLU module called twice per forward, as in models that reuse self.act or self.dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 8)
+        self.bad = SqrtOfShifted()
+        self.second = nn.Linear(8, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.second(self.act(self.bad(self.act(self.first(x)))))
+
+
+def test_a_reused_module_is_not_blamed_for_a_later_nan():
+    """act runs before bad (finite output) and after it (NaN): bad is the first producer."""
+    model = SharedActivation()
+    monitor = GradMonitor(model, watch_modules="all")
+    model(torch.randn(16, 4))
+    (finding,) = monitor.diagnose()
+    assert finding.where == ("bad",)
+    assert "then module act (ReLU), module second (Linear)" in finding.message
+
+
 def test_watching_listed_modules_only():
     model = nn.Sequential(nn.Linear(4, 8), SqrtOfShifted(), nn.Linear(8, 2))
     monitor = GradMonitor(model, watch_inputs=False, watch_modules=["2", model[0]])
@@ -632,6 +656,17 @@ def test_step_and_hooks_do_not_synchronize_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert monitor.num_steps == 4
+
+
+@pytest.mark.gpu
+def test_rings_follow_the_model_moved_after_the_monitor_was_made():
+    model = small_mlp()
+    monitor = GradMonitor(model)
+    model.to("cuda")
+    model(torch.randn(2, 4).cuda()).sum().backward()
+    monitor.step()
+    assert monitor._grad_ring.device.type == "cuda"
+    assert monitor.scalars()["gradstats/total_norm"] > 0
 
 
 # ------------------------------------------------------------------------ report, scalars

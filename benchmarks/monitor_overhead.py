@@ -1,0 +1,161 @@
+"""What GradMonitor adds to a training step: time and host reads.
+
+A ~1M-parameter MLP trains with Adam on random data, on the CPU by default. Each configuration gets
+its own copy of the model; after a warm-up, repetitions of a block of steps are timed with the
+configurations interleaved in a new random order every repetition (so that other processes on a
+shared machine slow all of them alike). Reported: the median time per step, and the median over
+repetitions of the paired ratio (a configuration's time over its baseline's in the same
+repetition), which is what drifting load disturbs least.
+
+  plain            forward, backward, Adam
+  + monitor        the same plus monitor.step() (its own fused pass) and the input hook
+  clip             forward, backward, grad_stats + clip (what a clipping optimizer does), Adam
+  clip + monitor   the same plus monitor.step(stats=..., params=...) reusing those statistics
+  + monitor(all)   plain plus monitor.step() with every leaf module's output watched
+
+Host reads (Tensor.item/tolist/cpu/..., each a device sync on a GPU) are counted per step as well.
+
+    python benchmarks/monitor_overhead.py [--device cpu] [--reps 30] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import gradstats
+
+IN, HIDDEN, MIDDLE, OUT = 512, 1024, 512, 10
+BATCH = 64
+MAX_NORM = 1.0
+WARMUP_STEPS = 10
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, MIDDLE),
+        nn.ReLU(),
+        nn.Linear(MIDDLE, OUT),
+    )
+
+
+def make_step(name: str, base: nn.Module, device: str) -> Callable[[], None]:
+    model = copy.deepcopy(base).to(device)
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    x = torch.randn(BATCH, IN, device=device)
+    y = torch.randint(0, OUT, (BATCH,), device=device)
+    monitor = None
+    if "monitor" in name:
+        monitor = gradstats.GradMonitor(model, watch_modules="all" if "(all)" in name else None)
+    clip = name.startswith("clip")
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        if clip:
+            stats = gradstats.grad_stats(params, max_norm=MAX_NORM)
+            gradstats.clip_grads_with_norm_(params, MAX_NORM, stats.total_norm)
+            if monitor is not None:
+                monitor.step(stats=stats, params=params)
+        elif monitor is not None:
+            monitor.step()
+        optimizer.step()
+
+    return step
+
+
+def host_reads_per_step(step: Callable[[], None], steps: int) -> float:
+    counts = dict.fromkeys(HOST_READS, 0)
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            counts[name] += 1
+            return saved[name](self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        for _ in range(steps):
+            step()
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+    return sum(counts.values()) / steps
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per configuration")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per repetition")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    base = make_model()
+    names = ["plain", "+ monitor", "clip", "clip + monitor", "+ monitor(all)"]
+    steps = {name: make_step(name, base, args.device) for name in names}
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    sync(args.device)
+
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(args.seed)
+    for _ in range(args.reps):
+        shuffled = names[:]
+        order.shuffle(shuffled)
+        for name in shuffled:
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name]()
+            sync(args.device)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    reads = {name: host_reads_per_step(steps[name], args.steps) for name in names}
+
+    n_params = sum(p.numel() for p in base.parameters())
+    print(
+        f"GradMonitor overhead: {n_params / 1e6:.2f}M-parameter MLP, batch {BATCH}, Adam, "
+        f"{args.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+    print(f"median of {args.reps} interleaved repetitions of {args.steps} steps, after warm-up")
+    print(
+        f"{'configuration':<16} {'ms/step':>9} {'baseline':>9} {'paired ratio':>13} {'added':>8} "
+        f"{'host reads/step':>16}"
+    )
+    for name in names:
+        base_name = "clip" if name.startswith("clip") else "plain"
+        median = statistics.median(times[name])
+        ratio = statistics.median(a / b for a, b in zip(times[name], times[base_name]))
+        added = reads[name] - reads[base_name]
+        print(
+            f"{name:<16} {median * 1e3:>9.3f} {base_name:>9} {ratio:>13.3f} "
+            f"{(ratio - 1) * 100:>+7.1f}% {reads[name]:>9.1f} ({added:+.0f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
