@@ -398,7 +398,7 @@ def test_first_module_to_produce_nan_is_named(device):
 
 
 class SharedActivation(nn.Module):
-    """One ReLU module called twice per forward, as in models that reuse self.act or self.dropout."""
+    """One ReLU called twice per forward, as in models that reuse self.act or self.dropout."""
 
     def __init__(self):
         super().__init__()
