@@ -13,9 +13,10 @@ repetition), which is what drifting load disturbs least.
   clip + monitor   the same plus monitor.step(stats=..., params=...) reusing those statistics
   + monitor(all)   plain plus monitor.step() with every leaf module's output watched
 
-Host reads (Tensor.item/tolist/cpu/..., each a device sync on a GPU) are counted per step as well.
+Host reads (Tensor.item/tolist/cpu/..., each a device sync on a GPU) and aten ops are counted per
+step as well: unlike times, those counts do not depend on what else runs on the machine.
 
-    python benchmarks/monitor_overhead.py [--device cpu] [--reps 30] [--steps 10]
+    python benchmarks/monitor_overhead.py [--device cpu] [--batch 64] [--reps 100] [--steps 5]
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
 
 IN, HIDDEN, MIDDLE, OUT = 512, 1024, 512, 10
-BATCH = 64
 MAX_NORM = 1.0
 WARMUP_STEPS = 10
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
@@ -50,12 +51,12 @@ def make_model() -> nn.Module:
     )
 
 
-def make_step(name: str, base: nn.Module, device: str) -> Callable[[], None]:
+def make_step(name: str, base: nn.Module, device: str, batch: int) -> Callable[[], None]:
     model = copy.deepcopy(base).to(device)
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-4)
-    x = torch.randn(BATCH, IN, device=device)
-    y = torch.randint(0, OUT, (BATCH,), device=device)
+    x = torch.randn(batch, IN, device=device)
+    y = torch.randint(0, OUT, (batch,), device=device)
     monitor = None
     if "monitor" in name:
         monitor = gradstats.GradMonitor(model, watch_modules="all" if "(all)" in name else None)
@@ -99,6 +100,22 @@ def host_reads_per_step(step: Callable[[], None], steps: int) -> float:
     return sum(counts.values()) / steps
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step: Callable[[], None]) -> int:
+    with _OpCounter() as counter:
+        step()
+    return counter.ops
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -107,15 +124,16 @@ def sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per configuration")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per repetition")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=100, help="timed repetitions per configuration")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per repetition")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     base = make_model()
     names = ["plain", "+ monitor", "clip", "clip + monitor", "+ monitor(all)"]
-    steps = {name: make_step(name, base, args.device) for name in names}
+    steps = {name: make_step(name, base, args.device, args.batch) for name in names}
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
             step()
@@ -134,17 +152,18 @@ def main() -> None:
             sync(args.device)
             times[name].append((time.perf_counter() - start) / args.steps)
     reads = {name: host_reads_per_step(steps[name], args.steps) for name in names}
+    ops = {name: ops_per_step(steps[name]) for name in names}
 
     n_params = sum(p.numel() for p in base.parameters())
     print(
-        f"GradMonitor overhead: {n_params / 1e6:.2f}M-parameter MLP, batch {BATCH}, Adam, "
+        f"GradMonitor overhead: {n_params / 1e6:.2f}M-parameter MLP, batch {args.batch}, Adam, "
         f"{args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}"
     )
     print(f"median of {args.reps} interleaved repetitions of {args.steps} steps, after warm-up")
     print(
         f"{'configuration':<16} {'ms/step':>9} {'baseline':>9} {'paired ratio':>13} {'added':>8} "
-        f"{'host reads/step':>16}"
+        f"{'host reads/step':>16} {'aten ops/step':>14}"
     )
     for name in names:
         base_name = "clip" if name.startswith("clip") else "plain"
@@ -153,7 +172,8 @@ def main() -> None:
         added = reads[name] - reads[base_name]
         print(
             f"{name:<16} {median * 1e3:>9.3f} {base_name:>9} {ratio:>13.3f} "
-            f"{(ratio - 1) * 100:>+7.1f}% {reads[name]:>9.1f} ({added:+.0f})"
+            f"{(ratio - 1) * 100:>+7.1f}% {reads[name]:>9.1f} ({added:+.0f}) "
+            f"{ops[name]:>7} ({ops[name] - ops[base_name]:+d})"
         )
 
 

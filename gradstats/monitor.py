@@ -58,6 +58,8 @@ _TITLE_NAMES = 3
 # Sustained growth also needs the norm to rise from one step to the next this often in the window,
 # so that a noisy but flat series whose end happens to sit above its start does not count.
 _GROWTH_RISING_SHARE = 0.8
+# Parameters with at least this many dimensions are weights (matrices, kernels, embeddings).
+_WEIGHT_NDIM = 2
 # A gradient ring row ends with the total norm, the clip coefficient and the skipped flag.
 _GRAD_SCALARS = 3
 # Cached column index tensors per parameter list (a list that changes every step must not grow it).
@@ -105,6 +107,7 @@ class Finding:
 class MonitorHistory:
     """The ring buffers copied to the host, oldest step first.
 
+    Parameters: names and param_ndims (their numbers of dimensions).
     Gradient rows (one per monitor.step()): steps [k], total_norm [k], clip_coef [k] (1 when the
     statistics had no clip threshold), skipped [k] (1 skipped, 0 applied, NaN when not told),
     grad_norms / grad_nan / grad_inf [k, n] (norm NaN: no gradient that step), and
@@ -118,6 +121,7 @@ class MonitorHistory:
     """
 
     names: tuple[str, ...]
+    param_ndims: tuple[int, ...]
     norm_type: float
     steps: np.ndarray
     total_norm: np.ndarray
@@ -599,6 +603,7 @@ class GradMonitor:
                     position += bool(fresh)
         return MonitorHistory(
             names=self.names,
+            param_ndims=tuple(p.dim() for p in self._params),
             norm_type=self.norm_type,
             steps=steps,
             total_norm=rows[:, 3 * n],
@@ -791,6 +796,11 @@ def _count(x: float) -> str:
 def _site_label(h: MonitorHistory, j: int) -> str:
     kind = h.site_types[j]
     return f"module {h.sites[j]} ({kind})" if kind else h.sites[j]
+
+
+def _owner(name: str) -> str:
+    """The module that owns a parameter: "0" for "0.weight"."""
+    return name.rpartition(".")[0]
 
 
 def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -996,6 +1006,10 @@ def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
         newly = (run >= th.vanish_steps) & (start < 0)
         start[newly] = i - th.vanish_steps + 1
     flagged = np.nonzero(start >= 0)[0]
+    # A layer vanishes when its weights do. A 1-D parameter alone is no such sign: a bias right
+    # before a normalisation layer, which cancels it, gets (numerically) no gradient by design.
+    layers = {_owner(h.names[j]) for j in flagged if h.param_ndims[j] >= _WEIGHT_NDIM}
+    flagged = np.array([j for j in flagged if _owner(h.names[j]) in layers], dtype=np.int64)
     if flagged.size == 0:
         return []
     row = int(start[flagged].min())

@@ -287,6 +287,29 @@ def test_vanishing_needs_persistence_and_counts_exact_zeros(device):
     assert "0.bias (exactly 0)" in finding.message
 
 
+def test_bias_cancelled_by_batchnorm_is_not_vanishing():
+    """A conv bias right before BatchNorm gets (numerically) no gradient by design: it is the only
+    tiny parameter, and 1-D, so no layer is vanishing."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10)
+    )
+    monitor = GradMonitor(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(
+            model(torch.randn(16, 3, 8, 8)), torch.randint(0, 10, (16,))
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.step()
+        optimizer.step()
+    h = monitor.history()
+    bias = h.names.index("0.bias")
+    tiny = h.grad_norms[:, bias] / np.nanmax(h.grad_norms, axis=1)
+    assert (tiny < monitor.thresholds.vanish_ratio).all(), "the scenario must have the tiny bias"
+    assert monitor.diagnose() == []
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
