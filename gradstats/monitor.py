@@ -799,8 +799,8 @@ def _site_label(h: MonitorHistory, j: int) -> str:
 
 
 def _owner(name: str) -> str:
-    """The module that owns a parameter: "0" for "0.weight"."""
-    return name.rpartition(".")[0]
+    """The module that owns a parameter: "0" for "0.weight", "(model)" for the root's own."""
+    return name.rpartition(".")[0] or "(model)"
 
 
 def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -1026,7 +1026,8 @@ def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     top = int(np.argmax(_quiet_median(np.where(finite, norms, np.nan), axis=0)))
     largest_norm = float(_quiet_median(largest[tiny.any(axis=1), 0]))
     message = (
-        f"{flagged.size} of {norms.shape[1]} parameters had gradient norms below "
+        f"{flagged.size} of {norms.shape[1]} parameters, in layer(s) "
+        f"{_names(sorted(layers, key=list(map(_owner, h.names)).index))}, had gradient norms below "
         f"{_fmt(th.vanish_ratio)} x the largest layer's for {th.vanish_steps}+ consecutive steps "
         f"from step {step}: {described}, against {_fmt(largest_norm)} for the largest "
         f"(typically {h.names[top]}). These layers barely learn."
