@@ -49,8 +49,8 @@ _SHORT = {
 }
 WatchModules = Union[str, Sequence[Union[str, nn.Module]], None]
 
-# "Never" in the first-step latches and "no NaN/Inf" in the forward order: a power of two, so the
-# float64 snapshot holds it exactly, and larger than any step or hook count.
+# "Never" in the first-step-with-NaN latches: a power of two, so that the float64 snapshot holds it
+# exactly, and larger than any step.
 _NEVER = 2**62
 # A message names at most this many tensors, a report's headline fewer; .where keeps them all.
 _NAMED_AT_MOST = 5
@@ -266,7 +266,7 @@ class GradMonitor:
         self._step = 0
         self._seq = 0
         self._device: torch.device | None = None
-        # Gradients: one float64 row per step (see _grad_layout), written by a single torch.cat.
+        # Gradients: one float64 row per step (layout in _allocate_grad_ring), written by one cat.
         self._grad_ring: Tensor | None = None
         self._blank_row: Tensor | None = None
         self._grad_first: Tensor | None = None
@@ -324,7 +324,8 @@ class GradMonitor:
             params_list, stats = self._resolve_step(stats, params)
             self._set_device()
             if self._grad_ring is None:
-                self._allocate_grad_ring()
+                with _normal_tensors():
+                    self._allocate_grad_ring()
             elif self._step % self.window == 0:
                 self._fold_grad_ring()
             counts = self._here(stats.counts)
@@ -420,7 +421,8 @@ class GradMonitor:
     def _new_index(self, key: tuple, values: list[int]) -> Tensor:
         if len(self._index_cache) >= _INDEX_CACHE_SIZE:
             self._index_cache.clear()
-        index = torch.tensor(values, dtype=torch.long, device=self._device)
+        with _normal_tensors():
+            index = torch.tensor(values, dtype=torch.long, device=self._device)
         self._index_cache[key] = index
         return index
 
@@ -491,7 +493,8 @@ class GradMonitor:
             slot = self._step % self.window
             if self._seq >= self._call_log.shape[1]:
                 size = max(self._seq + 1, 2 * self._call_log.shape[1])
-                self._call_log = _grow_columns(self._call_log, size, False)
+                with _normal_tensors():
+                    self._call_log = _grow_columns(self._call_log, size, False)
             counts = self._here(st.counts)
             self._site_counts[slot].index_add_(1, index, counts[NAN_ROW : INF_ROW + 1, :-1])
             self._site_max[slot].scatter_reduce_(
@@ -509,7 +512,8 @@ class GradMonitor:
                 if name not in self._sites:
                     self._sites[name] = len(self._sites)
                     self._site_is_input.append(is_input)
-            self._grow_site_ring(len(self._sites))
+            with _normal_tensors():
+                self._grow_site_ring(len(self._sites))
             index = self._new_index(key, [self._sites[n] for n in names])
         return index
 
@@ -705,6 +709,11 @@ def _check_int(name: str, value: int, low: int) -> None:
 def _check_range(name: str, value: float, low: float, high: float, text: str) -> None:
     if not (isinstance(value, (int, float)) and low < value < high):
         raise ValueError(f"{name} must be {text}; got {value!r}")
+
+
+def _normal_tensors() -> torch.inference_mode:
+    """Buffers made during an inference_mode forward must still take in-place updates later."""
+    return torch.inference_mode(False)
 
 
 def _fold(latch: Tensor, bad: Tensor, first_step: int, device: torch.device) -> None:

@@ -799,6 +799,23 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_forwards_under_inference_mode_and_no_grad_are_watched():
+    """Buffers made during an inference_mode forward (say a first validation pass) stay usable."""
+    model = small_mlp()
+    monitor = GradMonitor(model, watch_modules="all")
+    with torch.inference_mode():
+        model(torch.randn(3, 4))
+    model(torch.randn(3, 4)).sum().backward()
+    monitor.step()
+    bad = torch.randn(3, 4)
+    bad[0, 0] = NAN
+    with torch.inference_mode():
+        model(bad)
+    with torch.no_grad():
+        model(torch.randn(3, 4))
+    assert causes(monitor.diagnose()) == {"bad_input": 1}
+
+
 # --------------------------------------------------------------- several forwards per step
 
 
