@@ -3,9 +3,10 @@
 A ~1M-parameter MLP trains with Adam on random data, on the CPU by default. Each configuration gets
 its own copy of the model; after a warm-up, repetitions of a block of steps are timed with the
 configurations interleaved in a new random order every repetition (so that other processes on a
-shared machine slow all of them alike). Reported: the median time per step, and the median over
-repetitions of the paired ratio (a configuration's time over its baseline's in the same
-repetition), which is what drifting load disturbs least.
+shared machine slow all of them alike). Reported: the median wall time per step, and the medians
+over repetitions of the paired ratios (a configuration's time over its baseline's in the same
+repetition) of wall time and of process CPU time; when other processes compete for the cores,
+CPU time, which counts only this process's work, is the steadier of the two.
 
   plain            forward, backward, Adam
   + monitor        the same plus monitor.step() (its own fused pass) and the input hook
@@ -140,17 +141,19 @@ def main() -> None:
     sync(args.device)
 
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     order = random.Random(args.seed)
     for _ in range(args.reps):
         shuffled = names[:]
         order.shuffle(shuffled)
         for name in shuffled:
             sync(args.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 steps[name]()
             sync(args.device)
             times[name].append((time.perf_counter() - start) / args.steps)
+            cpu[name].append((time.process_time() - start_cpu) / args.steps)
     reads = {name: host_reads_per_step(steps[name], args.steps) for name in names}
     ops = {name: ops_per_step(steps[name]) for name in names}
 
@@ -162,18 +165,19 @@ def main() -> None:
     )
     print(f"median of {args.reps} interleaved repetitions of {args.steps} steps, after warm-up")
     print(
-        f"{'configuration':<16} {'ms/step':>9} {'baseline':>9} {'paired ratio':>13} {'added':>8} "
-        f"{'host reads/step':>16} {'aten ops/step':>14}"
+        f"{'configuration':<16} {'ms/step':>8} {'baseline':>9} {'wall':>7} {'added':>7} "
+        f"{'cpu':>7} {'added':>7} {'host reads/step':>16} {'aten ops/step':>14}"
     )
     for name in names:
         base_name = "clip" if name.startswith("clip") else "plain"
         median = statistics.median(times[name])
-        ratio = statistics.median(a / b for a, b in zip(times[name], times[base_name]))
+        wall = statistics.median(a / b for a, b in zip(times[name], times[base_name]))
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu[name], cpu[base_name]))
         added = reads[name] - reads[base_name]
         print(
-            f"{name:<16} {median * 1e3:>9.3f} {base_name:>9} {ratio:>13.3f} "
-            f"{(ratio - 1) * 100:>+7.1f}% {reads[name]:>9.1f} ({added:+.0f}) "
-            f"{ops[name]:>7} ({ops[name] - ops[base_name]:+d})"
+            f"{name:<16} {median * 1e3:>8.3f} {base_name:>9} {wall:>7.3f} "
+            f"{(wall - 1) * 100:>+6.1f}% {cpu_ratio:>7.3f} {(cpu_ratio - 1) * 100:>+6.1f}% "
+            f"{reads[name]:>9.1f} ({added:+.0f}) {ops[name]:>7} ({ops[name] - ops[base_name]:+d})"
         )
 
 

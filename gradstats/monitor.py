@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradstats import ops
 from gradstats.stats import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats, compute
 
 CAUSES = (
@@ -268,6 +269,11 @@ class GradMonitor:
         self._device: torch.device | None = None
         # Gradients: one float64 row per step (layout in _allocate_grad_ring), written by one cat.
         self._grad_ring: Tensor | None = None
+        # The rings' rows as views made once: indexing a tensor from Python costs microseconds.
+        self._grad_rows: list[Tensor] = []
+        self._site_count_rows: list[Tensor] = []
+        self._site_max_rows: list[Tensor] = []
+        self._call_rows: list[Tensor] = []
         self._blank_row: Tensor | None = None
         self._grad_first: Tensor | None = None
         self._constants: dict[str, Tensor] = {}
@@ -339,7 +345,7 @@ class GradMonitor:
                 else self._here(stats.clip_coef).reshape(1),
                 self._skipped_value(skipped),
             ]
-            row = self._grad_ring[self._step % self.window]
+            row = self._grad_rows[self._step % self.window]
             positions = self._grad_positions(params_list)
             if positions is None:
                 # cat casts each part straight into the float64 row: counts stay exact.
@@ -355,8 +361,8 @@ class GradMonitor:
         if self._site_counts is not None:
             if slot == 0:
                 self._fold_site_ring()
-            self._site_counts[slot].zero_()
-            self._site_max[slot].fill_(-math.inf)
+            self._site_count_rows[slot].zero_()
+            self._site_max_rows[slot].fill_(-math.inf)
 
     def _resolve_step(
         self, stats: GradStats | None, params: Sequence[Tensor] | None
@@ -450,6 +456,7 @@ class GradMonitor:
         )
         self._blank_row = blank
         self._grad_ring = blank.repeat(self.window, 1)
+        self._grad_rows = list(self._grad_ring.unbind(0))
         self._grad_first = torch.full((n,), _NEVER, dtype=torch.int64, device=dev)
         self._constants = {
             "nan": torch.full((1,), math.nan, **f64),
@@ -486,8 +493,13 @@ class GradMonitor:
     def _observe(self, names: tuple[str, ...], tensors: list[Tensor], is_input: bool) -> None:
         """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
         (several forwards in one step add up), and whether this call saw NaN/Inf."""
-        with torch.no_grad():
-            st = compute([t.detach() for t in tensors], math.inf, math.inf, "zero")
+        with torch.no_grad():  # which also makes detaching the tensors needless
+            device = tensors[0].device
+            if all(t.device == device for t in tensors):
+                _, _, norms, counts = ops.stats(tensors, math.inf, math.inf, "zero")
+            else:
+                st = compute(tensors, math.inf, math.inf, "zero")
+                norms, counts = st.norms, st.counts
             self._set_device()
             index = self._site_columns(names, is_input)
             slot = self._step % self.window
@@ -495,12 +507,13 @@ class GradMonitor:
                 size = max(self._seq + 1, 2 * self._call_log.shape[1])
                 with _normal_tensors():
                     self._call_log = _grow_columns(self._call_log, size, False)
-            counts = self._here(st.counts)
-            self._site_counts[slot].index_add_(1, index, counts[NAN_ROW : INF_ROW + 1, :-1])
-            self._site_max[slot].scatter_reduce_(
-                0, index, self._here(st.norms).to(torch.float32), "amax"
+                self._call_rows = list(self._call_log.unbind(0))
+            counts = self._here(counts)
+            self._site_count_rows[slot].index_add_(1, index, counts[NAN_ROW : INF_ROW + 1, :-1])
+            self._site_max_rows[slot].scatter_reduce_(
+                0, index, self._here(norms).to(torch.float32), "amax"
             )
-            self._call_log[slot, self._seq].copy_(counts[NONFINITE_ROW, -1])
+            self._call_rows[slot][self._seq].copy_(counts[NONFINITE_ROW, -1])
         self._calls[slot].append(tuple(self._sites[name] for name in names))
         self._seq += 1
 
@@ -525,13 +538,17 @@ class GradMonitor:
             self._site_max = torch.full((w, needed), -math.inf, dtype=torch.float32, device=dev)
             self._site_first = torch.full((needed,), _NEVER, dtype=torch.int64, device=dev)
             self._call_log = torch.zeros((w, needed), dtype=torch.bool, device=dev)
-            return
-        have = self._site_first.numel()
-        if needed > have:
+            self._call_rows = list(self._call_log.unbind(0))
+        else:
+            have = self._site_first.numel()
+            if needed <= have:
+                return
             size = max(needed, 2 * have)
             self._site_counts = _grow_columns(self._site_counts, size, 0)
             self._site_max = _grow_columns(self._site_max, size, -math.inf)
             self._site_first = _grow_columns(self._site_first, size, _NEVER)
+        self._site_count_rows = list(self._site_counts.unbind(0))
+        self._site_max_rows = list(self._site_max.unbind(0))
 
     # ---------------------------------------------------------------------------- hooks
 
