@@ -290,6 +290,7 @@ class GradMonitor:
         self._site_is_input: list[bool] = []
         self._site_types: dict[str, str] = {}
         self._index_cache: dict[tuple, Tensor] = {}
+        self._placements: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if watch_inputs:
             self._handles.append(model.register_forward_pre_hook(self._on_input, with_kwargs=True))
@@ -346,13 +347,17 @@ class GradMonitor:
                 self._skipped_value(skipped),
             ]
             row = self._grad_rows[self._step % self.window]
-            positions = self._grad_positions(params_list)
-            if positions is None:
+            placement = self._grad_positions(params_list)
+            if placement is None:
                 # cat casts each part straight into the float64 row: counts stay exact.
                 torch.cat(parts, out=row)
             else:
-                values = torch.empty(positions.numel(), dtype=torch.float64, device=self._device)
+                positions, keep = placement
+                size = 3 * len(params_list) + _GRAD_SCALARS
+                values = torch.empty(size, dtype=torch.float64, device=self._device)
                 torch.cat(parts, out=values)
+                if keep is not None:
+                    values = values.index_select(0, keep)
                 row.copy_(self._blank_row).index_copy_(0, positions, values)
         self._step += 1
         self._seq = 0
@@ -402,27 +407,40 @@ class GradMonitor:
             return self._here(skipped).reshape(1)
         return self._constants["one" if skipped else "zero"]
 
-    def _grad_positions(self, params: list[Tensor]) -> Tensor | None:
-        """Where this step's values go in a ring row; None for all parameters in model order."""
+    def _grad_positions(self, params: list[Tensor]) -> tuple[Tensor, Tensor | None] | None:
+        """Where this step's values go in a ring row, and which of them to keep (None: all); None
+        for all parameters in model order. Parameters the monitor does not know (say a learnable
+        loss weight held by the optimizer) are left out, with a warning the first time."""
         if len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params)):
             return None
         key = tuple(map(id, params))
-        positions = self._index_cache.get(key)
-        if positions is None:
-            columns = []
-            for i, p in enumerate(params):
-                column = self._column.get(id(p))
-                if column is None:
-                    raise ValueError(
-                        f"GradMonitor.step(): parameter {i} (shape {tuple(p.shape)}) is not a "
-                        "parameter of the monitored model that requires grad"
-                    )
-                columns.append(column)
-            n = len(self._params)
-            tail = [3 * n + k for k in range(_GRAD_SCALARS)]
+        cached = self._placements.get(key)
+        if cached is None:
+            known = [
+                (i, self._column[id(p)]) for i, p in enumerate(params) if id(p) in self._column
+            ]
+            columns = [c for _, c in known]
+            n, k = len(self._params), len(params)
+            tail = [3 * n + j for j in range(_GRAD_SCALARS)]
             layout = columns + [n + c for c in columns] + [2 * n + c for c in columns] + tail
-            positions = self._new_index(key, layout)
-        return positions
+            keep = None
+            if len(known) < k:
+                strangers = [tuple(p.shape) for p in params if id(p) not in self._column]
+                warnings.warn(
+                    f"GradMonitor.step(): {len(strangers)} of the {k} parameters given (shapes "
+                    f"{_names([str(s) for s in strangers])}) are not parameters of the monitored "
+                    "model that require grad; their statistics are not recorded",
+                    stacklevel=3,
+                )
+                rows = [i for i, _ in known]
+                slots = rows + [k + i for i in rows] + [2 * k + i for i in rows]
+                scalars = [3 * k + j for j in range(_GRAD_SCALARS)]
+                keep = self._new_index(("keep", *key), slots + scalars)
+            cached = (self._new_index(key, layout), keep)
+            if len(self._placements) >= _INDEX_CACHE_SIZE:
+                self._placements.clear()
+            self._placements[key] = cached
+        return cached
 
     def _new_index(self, key: tuple, values: list[int]) -> Tensor:
         if len(self._index_cache) >= _INDEX_CACHE_SIZE:
