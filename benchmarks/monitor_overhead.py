@@ -17,7 +17,7 @@ CPU time, which counts only this process's work, is the steadier of the two.
 Host reads (Tensor.item/tolist/cpu/..., each a device sync on a GPU) and aten ops are counted per
 step as well: unlike times, those counts do not depend on what else runs on the machine.
 
-    python benchmarks/monitor_overhead.py [--device cpu] [--batch 64] [--reps 100] [--steps 5]
+    python benchmarks/monitor_overhead.py [--device cpu] [--batch 64] [--threads N] [--reps 100]
 """
 
 from __future__ import annotations
@@ -126,11 +126,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads (default: torch's choice)"
+    )
     parser.add_argument("--reps", type=int, default=100, help="timed repetitions per configuration")
     parser.add_argument("--steps", type=int, default=5, help="training steps per repetition")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = make_model()
     names = ["plain", "+ monitor", "clip", "clip + monitor", "+ monitor(all)"]
