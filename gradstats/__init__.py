@@ -7,6 +7,7 @@ coefficient; a second, in-place pass clips, and skips itself on the device when 
 from gradstats._build import BuildError
 from gradstats._version import __version__
 from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from gradstats.monitor import Finding, GradMonitor, MonitorHistory
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
 from gradstats.stats import GradStats, count_nonfinite, grad_stats
@@ -16,7 +17,10 @@ __all__ = [
     "AdaptiveClip",
     "BuildError",
     "ClipGradOptimizer",
+    "Finding",
+    "GradMonitor",
     "GradStats",
+    "MonitorHistory",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

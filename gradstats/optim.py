@@ -51,7 +51,7 @@ _PERCENT = 100.0
 class StepMonitor(Protocol):
     """What `monitor=` must provide (gradstats.GradMonitor does)."""
 
-    def step(self, *, stats: GradStats, params: list[Tensor]) -> object: ...
+    def step(self, *, stats: GradStats, params: list[Tensor], skipped: Tensor) -> object: ...
 
 
 class AdaptiveClip:
@@ -248,8 +248,9 @@ class ClipGradOptimizer(Optimizer):
         max_consecutive_nonfinite: raise (taking no step) when this many steps in a row had NaN/Inf
             gradients. Opt-in: one host sync per step.
         monitor: called after the statistics of every step as
-            `monitor.step(stats=stats, params=params)`, with the step's GradStats and the
-            parameters with gradients in the same order as the statistics' tensors.
+            `monitor.step(stats=stats, params=params, skipped=skipped)`, with the step's
+            GradStats, the parameters with gradients in the same order as the statistics'
+            tensors, and whether the step is skipped (a 0-dim bool tensor on the device).
         process_group: the ranks over which the gradients are split (ZeRO-style slices,
             parameters split across ranks): the norm, the clip coefficient and the skip decision
             are global, the same on every rank. Not needed for DTensor (FSDP2, tensor parallel)
@@ -464,8 +465,9 @@ class ClipGradOptimizer(Optimizer):
             found = found | (scaler_found.to(device) > 0)
         consecutive = torch.where(found, self._consecutive + 1, torch.zeros_like(self._consecutive))
 
+        skipped = found & skips
         if self.monitor is not None:
-            self.monitor.step(stats=stats, params=params)
+            self.monitor.step(stats=stats, params=params, skipped=skipped)
 
         needs_host = (
             policy == "error"
@@ -478,7 +480,6 @@ class ClipGradOptimizer(Optimizer):
             found_on_host = bool(flag)
             self._raise_if_needed(found_on_host, run, stats, params, policy)
 
-        skipped = found & skips
         self._skipped.add_(skipped.to(torch.int64))
         self._consecutive.copy_(consecutive)
         if self.adaptive is not None:

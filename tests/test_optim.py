@@ -467,10 +467,12 @@ def test_step_without_gradients_is_a_no_op():
 class RecordingMonitor:
     def __init__(self) -> None:
         self.calls: list[tuple[gradstats.GradStats, list[torch.Tensor], list[float]]] = []
+        self.skipped: list[bool] = []
 
-    def step(self, *, stats, params):
+    def step(self, *, stats, params, skipped):
         norms_now = [float(p.grad.norm()) for p in params]
         self.calls.append((stats, params, norms_now))
+        self.skipped.append(bool(skipped))
 
 
 def test_monitor_gets_the_stats_and_the_params_in_order():
@@ -492,6 +494,25 @@ def test_monitor_gets_the_stats_and_the_params_in_order():
     assert len(params) == len(with_grad) and all(a is b for a, b in zip(params, with_grad))
     torch.testing.assert_close(stats.norms, torch.tensor(norms_now), rtol=1e-6, atol=0)
     assert int(monitor.calls[1][0].nan_count) == 1
+    assert monitor.skipped == [False, True, False]
+
+
+def test_grad_monitor_through_the_optimizer_marks_skipped_steps_and_finds_the_nan():
+    model = make_model("cpu")
+    with gradstats.GradMonitor(model) as monitor:
+        opt = gradstats.ClipGradOptimizer(
+            OPTIMIZERS["adamw-foreach"](model.parameters()), MAX_NORM, monitor=monitor
+        )
+        for i, batch in enumerate(make_batches("cpu", steps=6)):
+            opt.zero_grad()
+            backward(model, batch, math.nan if i == 3 else None)
+            opt.step()
+        history = monitor.history()
+        findings = monitor.diagnose()
+    assert history.skipped.tolist() == [0, 0, 0, 1, 0, 0]
+    assert int(opt.skipped_steps) == 1
+    nonfinite = [f for f in findings if f.cause == "nonfinite_gradients"]
+    assert nonfinite and nonfinite[0].step == 3
 
 
 def test_monitor_sees_the_step_that_raises():
