@@ -1,0 +1,31 @@
+"""`python -m gradstats info | bench ...`: the build and this machine, or the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradstats", description="gradstats: fused gradient statistics and clipping"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, the build and which ops have CPU/CUDA kernels")
+    bench_parser = commands.add_parser(
+        "bench", help="time gradstats against torch.nn.utils on real models' gradient shapes"
+    )
+    # Imported here so that `info` stays fast and works without the benchmark's imports.
+    from gradstats import bench, bench_env
+
+    bench.add_arguments(bench_parser)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(bench_env.info_lines()))
+        return 0
+    return bench.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
