@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ FLOOR_CACHES = 4
 QUICK_FLOOR_BYTES = 4 << 20
 # Leave this share of the free memory unused.
 MEMORY_HEADROOM = 0.8
+# A 1-minute load average this far above the benchmark's own threads marks the run as disturbed.
+BUSY_EXTRA_LOAD = 0.5
 BYTES_PER_MS_IN_GBPS = 1e-6  # bytes per millisecond to GB/s (1 GB = 1e9 bytes)
 
 EXIT_ERROR = 1
@@ -229,6 +232,13 @@ def reference_norm(views: list[torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 class Runner:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -243,6 +253,7 @@ class Runner:
         self.foreach = True if self.device.type == "cuda" else None
         self.apex = apex_l2norm(self.device)
         self.notes: list[str] = []
+        self.load: list[float] = [_load_average()]
         self.rows: list[Row] = []
         self.repeats_used: set[int] = set()
 
@@ -285,10 +296,24 @@ class Runner:
                 "quick": c.quick,
                 "llama_layers": c.llama_layers,
             },
-            "notes": self.notes,
+            "load_average": self.load,
+            "notes": self.notes + self.load_notes(),
         }
 
+    def load_notes(self) -> list[str]:
+        """A warning when other processes competed for the CPUs during the run."""
+        own = torch.get_num_threads() if self.device.type == "cpu" else 1
+        busiest = max(self.load)
+        if busiest <= own + BUSY_EXTRA_LOAD:
+            return []
+        return [
+            f"the machine was busy: 1-minute load average up to {busiest:.1f} with "
+            f"{os.cpu_count()} CPUs, {own} of them this benchmark's; multi-threaded timings "
+            "suffer most, so these speedups are less trustworthy than a quiet machine's"
+        ]
+
     def save(self) -> None:
+        self.load.append(_load_average())
         if self.config.json_path is not None:
             write_json(self.config.json_path, self.header(), self.rows)
 
@@ -402,6 +427,8 @@ class Runner:
             "paired_speedup": t.paired_ratio("torch", "gradstats"),
             "gradstats_iqr_ms": t.iqr("gradstats"),
             "torch_iqr_ms": t.iqr("torch"),
+            "gradstats_min_ms": min(t.times["gradstats"]),
+            "torch_min_ms": min(t.times["torch"]),
             "bytes": case.bytes_moved,
             "gbps": gbps,
             "floor_ms": floor_ms,

@@ -45,9 +45,12 @@ MIN_SLOTS = 2
 ADAMW_BYTES_PER_GRAD_BYTE = 7
 # The optimizer's tensors per gradient: param, grad, exp_avg, exp_avg_sq.
 ADAMW_TENSORS_PER_GRAD = 4
-# Relative agreement demanded of the two sides' norms before timing: torch's 16-bit norms are
-# rounded to the input dtype, ours are float32.
-AGREE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# Before timing, each side's norm must match the float64 norm of the same data this closely.
+# gradstats accumulates in float64. torch accumulates each tensor in float32 (off by 2e-3 on GPT-2's
+# 38M-value embedding) and rounds 16-bit norms to the input dtype: its bound only proves that it
+# ran on the same data.
+OURS_RTOL = 1e-5
+BASELINE_RTOL = 5e-2
 
 
 class BenchError(RuntimeError):
@@ -144,10 +147,14 @@ def _close(a: float, b: float, rtol: float) -> bool:
     return abs(a - b) <= rtol * abs(b)
 
 
-def check_norms(what: str, ours: Tensor, theirs: Tensor, ctx: Context) -> None:
-    a, b = float(ours), float(theirs)
-    if not _close(a, b, AGREE_RTOL[ctx.dtype]):
-        raise BenchError(f"{what}: gradstats gives norm {a!r}, the baseline {b!r}; not timing this")
+def check_norm(what: str, side: str, norm: Tensor, ctx: Context) -> None:
+    value = float(norm)
+    rtol = OURS_RTOL if side == "gradstats" else BASELINE_RTOL
+    if not _close(value, ctx.norm, rtol):
+        raise BenchError(
+            f"{what}: {side} gives norm {value!r} where the float64 norm is {ctx.norm!r} "
+            f"(relative tolerance {rtol:g}); not timing this"
+        )
 
 
 def stats_case(ctx: Context, grads: GradPool) -> Case:
@@ -158,12 +165,12 @@ def stats_case(ctx: Context, grads: GradPool) -> Case:
         lambda s: torch.nn.utils.get_total_norm(grads.grads[s], foreach=foreach),
         grads.pool,
     )
-    check_norms("stats", gradstats.grad_stats(grads.grads[0]).total_norm, theirs.run(0), ctx)
+    check_norm("stats", "gradstats", gradstats.grad_stats(grads.grads[0]).total_norm, ctx)
+    check_norm("stats", "torch", theirs.run(0), ctx)  # type: ignore[arg-type]
     sides = [ours, theirs, ctx.floor]
     if ctx.apex is not None:
         apex = ctx.apex
-        apex_norm = apex(grads.grads[0])[0]  # type: ignore[index]
-        check_norms("stats (apex)", theirs.run(0), apex_norm, ctx)
+        check_norm("stats", "apex", apex(grads.grads[0])[0], ctx)  # type: ignore[index]
         sides.append(Side("apex", lambda s: apex(grads.grads[s]), grads.pool))
     return Case("stats", sides, ctx.layout.nbytes, ctx.layout.nbytes)
 
@@ -186,8 +193,7 @@ def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
         restore,
     )
     for side in (ours, theirs):
-        norm = side.run(0)
-        check_norms(scenario, norm, torch.tensor(ctx.norm), ctx)  # type: ignore[arg-type]
+        check_norm(scenario, side.name, side.run(0), ctx)  # type: ignore[arg-type]
         if grads.changed(0) != clips:
             raise BenchError(
                 f"{scenario}: {side.name} {'left' if clips else 'changed'} the gradients "
