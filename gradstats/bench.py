@@ -23,6 +23,7 @@ import gradstats
 from gradstats import bench_env
 from gradstats.bench_cases import (
     ADAMW_TENSORS_PER_GRAD,
+    MAX_SLOTS,
     SCENARIOS,
     BenchError,
     Case,
@@ -72,7 +73,8 @@ QUICK_FLOOR_BYTES = 4 << 20
 MEMORY_HEADROOM = 0.8
 # A 1-minute load average this far above the benchmark's own threads marks the run as disturbed.
 BUSY_EXTRA_LOAD = 0.5
-BYTES_PER_MS_IN_GBPS = 1e-6  # bytes per millisecond to GB/s (1 GB = 1e9 bytes)
+BYTES_PER_MS_IN_GBPS = 1e-6
+FLOAT32_BYTES = 4  # bytes per millisecond to GB/s (1 GB = 1e9 bytes)
 
 EXIT_ERROR = 1
 EXIT_NO_PLOT = 3
@@ -216,6 +218,7 @@ class Progress:
 
 def free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the allocator count as free
         return torch.cuda.mem_get_info(device)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -251,6 +254,9 @@ class Runner:
             QUICK_FLOOR_BYTES if config.quick else FLOOR_CACHES * self.cache_bytes
         )
         self.foreach = True if self.device.type == "cuda" else None
+        scratch = torch.empty(max(1, self.flush_bytes // FLOAT32_BYTES), device=self.device)
+        scratch.normal_(generator=self.generator)
+        self.evict = scratch.sum
         self.apex = apex_l2norm(self.device)
         self.notes: list[str] = []
         self.load: list[float] = [_load_average()]
@@ -269,8 +275,10 @@ class Runner:
         repeats = str(c.repeats) if c.repeats else f"{used[0]}-{used[-1]} (fitted to the row time)"
         summary = (
             f"Median of {repeats} repeats after {c.warmup} warm-up calls, per side, interleaved "
-            f"in one process ({timing}); inputs rotate over >= {FLUSH_CACHES}x the "
-            f"{self.cache_bytes >> 20} MiB last-level cache; floor: {floor} over max(gradients, "
+            f"in one process ({timing}); inputs rotate over copies spanning >= {FLUSH_CACHES}x "
+            f"the {self.cache_bytes >> 20} MiB last-level cache (or, for sets that would need more "
+            f"than {MAX_SLOTS} copies, an untimed sweep of that size after each call); "
+            f"garbage collector off while timing; floor: {floor} over max(gradients, "
             f"{self.floor_min_bytes >> 20} MiB), timed in the same loop; GB/s: bytes that must "
             "move (one read of the gradients for stats and for nothing to clip, three passes when"
             " clipping, plus the AdamW step's 4 reads and 3 writes) over the gradstats time."
@@ -381,16 +389,19 @@ class Runner:
             pristine=pristine,
             norm=reference_norm(layout.views(pristine)),
             flush_bytes=self.flush_bytes,
+            evict=self.evict,
             foreach=self.foreach,
             floor=floor,
             apex=self.apex,
         )
         only_adamw = scenarios == ["adamw-step"]
-        grads = None if only_adamw else GradPool(layout, pristine, self.flush_bytes)
+        grads = None if only_adamw else GradPool(layout, pristine, self.flush_bytes, self.evict)
+        case = None
         for scenario in scenarios:
             progress.start(f"{preset.name} {dtype_name} {scenario}")
+            case = None  # frees the last case's inputs before the next one takes memory
             if scenario == "adamw-step":
-                grads = None  # frees the copies before the optimizers take their memory
+                grads = None
                 case = adamw_case(ctx, self.generator)
             elif scenario == "stats":
                 case = stats_case(ctx, grads)

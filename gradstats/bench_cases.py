@@ -40,6 +40,9 @@ NOCLIP_MULTIPLE = 2.0
 ALIGN_BYTES = 512
 # A rotating pool never has fewer slots than this: a call never re-reads the previous call's data.
 MIN_SLOTS = 2
+# Nor more than this (each slot is a full set of tensors and parameters, slow to build for thousands
+# of tiny tensors): smaller sets sweep a scratch buffer through the cache after each call instead.
+MAX_SLOTS = 16
 # Bytes a fused AdamW step must move per gradient byte: read param, grad, exp_avg, exp_avg_sq;
 # write param, exp_avg, exp_avg_sq.
 ADAMW_BYTES_PER_GRAD_BYTE = 7
@@ -58,8 +61,14 @@ class BenchError(RuntimeError):
 
 
 def slot_count(slot_bytes: int, flush_bytes: int, minimum: int = MIN_SLOTS) -> int:
-    """Slots whose total reaches flush_bytes: each slot is then evicted before it is used again."""
-    return max(minimum, math.ceil(flush_bytes / max(slot_bytes, 1)))
+    """Slots whose total reaches flush_bytes (each slot is then evicted before it is used again),
+    at most MAX_SLOTS."""
+    return min(MAX_SLOTS, max(minimum, math.ceil(flush_bytes / max(slot_bytes, 1))))
+
+
+def make_pool(slots: int, slot_bytes: int, flush_bytes: int, evict: Callable[[], object]) -> Pool:
+    """A pool of slots, sweeping the cache after each call when the slots alone cannot."""
+    return Pool(slots, evict if slots * slot_bytes < flush_bytes else None)
 
 
 class FlatSet:
@@ -93,8 +102,12 @@ class FlatSet:
 def as_params(grads: list[Tensor]) -> list[torch.nn.Parameter]:
     """Parameters carrying the given gradients, their data a broadcast scalar (no memory)."""
     params = []
+    zeros = {}
     for g in grads:
-        p = torch.nn.Parameter(torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape))
+        key = (g.dtype, g.device)
+        if key not in zeros:
+            zeros[key] = torch.zeros((), dtype=g.dtype, device=g.device)
+        p = torch.nn.Parameter(zeros[key].expand(g.shape))
         p.grad = g
         params.append(p)
     return params
@@ -103,14 +116,16 @@ def as_params(grads: list[Tensor]) -> list[torch.nn.Parameter]:
 class GradPool:
     """A pristine gradient set and rotating copies of it, with parameters that carry each copy."""
 
-    def __init__(self, layout: FlatSet, pristine: Tensor, flush_bytes: int) -> None:
+    def __init__(
+        self, layout: FlatSet, pristine: Tensor, flush_bytes: int, evict: Callable[[], object]
+    ) -> None:
         self.layout = layout
         self.pristine = pristine
         slots = slot_count(layout.nbytes, flush_bytes)
         self.flats = [pristine.clone() for _ in range(slots)]
         self.grads = [layout.views(flat) for flat in self.flats]
         self.params = [as_params(grads) for grads in self.grads]
-        self.pool = Pool(slots)
+        self.pool = make_pool(slots, layout.nbytes, flush_bytes, evict)
 
     def restore(self, slot: int) -> None:
         self.flats[slot].copy_(self.pristine)
@@ -138,6 +153,7 @@ class Context:
     pristine: Tensor
     norm: float  # the pristine gradients' total L2 norm
     flush_bytes: int
+    evict: Callable[[], object]  # sweeps the cache (for pools too small to)
     foreach: bool | None  # torch's foreach argument: True on GPUs, torch's default elsewhere
     floor: Side
     apex: Callable[[list[Tensor]], object] | None = None
@@ -235,7 +251,8 @@ def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
     max_norm = ctx.norm * CLIP_MULTIPLE
     foreach = ctx.foreach
     # Two pools (gradstats; torch and the bare step) share the flushing between them.
-    count = slot_count(2 * ADAMW_TENSORS_PER_GRAD * ctx.layout.nbytes, ctx.flush_bytes, 1)
+    pair_bytes = 2 * ADAMW_TENSORS_PER_GRAD * ctx.layout.nbytes
+    count = slot_count(pair_bytes, ctx.flush_bytes, 1)
     mine = optimizer_slots(ctx, count, generator)
     theirs = optimizer_slots(ctx, count, generator)
     wrapped = [wrapper(slot.optimizer, max_norm) for slot in mine]
@@ -247,9 +264,14 @@ def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
         torch.nn.utils.clip_grad_norm_(theirs[s].params, max_norm, foreach=foreach)
         theirs[s].optimizer.step()
 
-    torch_pool = Pool(count)
+    torch_pool = make_pool(count, pair_bytes, ctx.flush_bytes, ctx.evict)
     sides = [
-        Side("gradstats", lambda s: wrapped[s].step(), Pool(count), restore(mine)),
+        Side(
+            "gradstats",
+            lambda s: wrapped[s].step(),
+            make_pool(count, pair_bytes, ctx.flush_bytes, ctx.evict),
+            restore(mine),
+        ),
         Side("torch", torch_step, torch_pool, restore(theirs)),
         Side("adamw", lambda s: theirs[s].optimizer.step(), torch_pool, restore(theirs)),
         ctx.floor,

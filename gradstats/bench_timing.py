@@ -9,6 +9,7 @@ reads from memory rather than from the cache; anything a call changes is restore
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -24,9 +25,14 @@ QUARTILES = 4
 
 @dataclass
 class Pool:
-    """Slots of identical inputs, handed out round robin."""
+    """Slots of identical inputs, handed out round robin.
+
+    evict, when set, runs untimed after each call: for inputs too small to fill the cache with a
+    reasonable number of copies, it sweeps a scratch buffer through the cache instead.
+    """
 
     size: int
+    evict: Callable[[], object] | None = None
     cursor: int = 0
 
     def next(self) -> int:
@@ -49,6 +55,8 @@ class Side:
         elapsed = timer(lambda: self.run(slot))
         if self.restore is not None:
             self.restore(slot)
+        if self.pool.evict is not None:
+            self.pool.evict()
         return elapsed
 
 
@@ -109,7 +117,22 @@ def measure(
     min_repeats: int,
     max_repeats: int,
 ) -> Timings:
-    """Warm-up rounds, then interleaved timed rounds. repeats=None fits the rounds into budget_s."""
+    """Warm-up rounds, then interleaved timed rounds. repeats=None fits the rounds into budget_s.
+
+    The garbage collector is off while timing (as in timeit), so that a collection triggered by one
+    side's allocations does not land in the other side's time.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure(sides, timer, warmup, repeats, budget_s, min_repeats, max_repeats)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _measure(sides, timer, warmup, repeats, budget_s, min_repeats, max_repeats) -> Timings:
     round_s = math.inf
     for _ in range(warmup):
         begin = time.perf_counter()
