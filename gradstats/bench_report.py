@@ -129,13 +129,14 @@ def table(rows: list[Row]) -> str:
 def markdown(header: Header, rows: list[Row]) -> str:
     """Header lines (machine, versions, method), the table, then the notes."""
     device = header.get("device", rows[0]["device"] if rows else "?")
-    lines = [f"gradstats bench on {device}: {machine_line(header)}"]
+    date = f" ({header['date']})" if "date" in header else ""
+    lines = [f"**gradstats bench on {device}**{date}: {machine_line(header)}"]
     versions = versions_line(header)
     if versions:
-        lines.append(versions)
-    method = header.get("method", {})
-    if method:
-        lines.append(method.get("summary", ""))
+        lines += ["", f"Versions: {versions}"]
+    summary = header.get("method", {}).get("summary")
+    if summary:
+        lines += ["", f"Method: {summary}"]
     lines += ["", table(rows)]
     notes = header.get("notes", [])
     if notes:
