@@ -24,6 +24,7 @@ from gradstats import bench_env
 from gradstats.bench_cases import (
     ADAMW_TENSORS_PER_GRAD,
     MAX_SLOTS,
+    OURS_RTOL,
     SCENARIOS,
     BenchError,
     Case,
@@ -74,7 +75,11 @@ MEMORY_HEADROOM = 0.8
 # A 1-minute load average this far above the benchmark's own threads marks the run as disturbed.
 BUSY_EXTRA_LOAD = 0.5
 BYTES_PER_MS_IN_GBPS = 1e-6
-FLOAT32_BYTES = 4  # bytes per millisecond to GB/s (1 GB = 1e9 bytes)
+FLOAT32_BYTES = 4
+PERCENT = 100
+# A baseline whose norm is further than this from the float64 norm gets a note under the table.
+BASELINE_NOTE_ERROR = 1e-2
+BASELINES = ("torch", "apex")  # bytes per millisecond to GB/s (1 GB = 1e9 bytes)
 
 EXIT_ERROR = 1
 EXIT_NO_PLOT = 3
@@ -305,8 +310,23 @@ class Runner:
                 "llama_layers": c.llama_layers,
             },
             "load_average": self.load,
-            "notes": self.notes + self.load_notes(),
+            "notes": self.notes + self.accuracy_notes() + self.load_notes(),
         }
+
+    def accuracy_notes(self) -> list[str]:
+        """One note per (preset, dtype, baseline) whose norm was far from the float64 norm."""
+        worst: dict[tuple[str, str, str], float] = {}
+        for row in self.rows:
+            for side in BASELINES:
+                error = row.get(f"{side}_norm_error")
+                if error is not None and error > BASELINE_NOTE_ERROR:
+                    key = (row["preset"], row["dtype"], side)
+                    worst[key] = max(worst.get(key, 0.0), error)
+        return [
+            f"{preset} {dtype}: {side}'s norm is {error * PERCENT:.1f}% off the float64 norm "
+            f"(gradstats' within {OURS_RTOL:g})"
+            for (preset, dtype, side), error in worst.items()
+        ]
 
     def load_notes(self) -> list[str]:
         """A warning when other processes competed for the CPUs during the run."""
@@ -447,6 +467,8 @@ class Runner:
             "floor_fraction": gbps / floor_gbps,
             "repeats": repeats,
         }
+        for side, error in case.norm_errors.items():
+            row[f"{side}_norm_error"] = error
         if "adamw" in t.times:
             adamw = t.median("adamw")
             read_ms = case.read_bytes / (floor_gbps / BYTES_PER_MS_IN_GBPS)

@@ -48,12 +48,11 @@ MAX_SLOTS = 16
 ADAMW_BYTES_PER_GRAD_BYTE = 7
 # The optimizer's tensors per gradient: param, grad, exp_avg, exp_avg_sq.
 ADAMW_TENSORS_PER_GRAD = 4
-# Before timing, each side's norm must match the float64 norm of the same data this closely.
-# gradstats accumulates in float64. torch accumulates each tensor in float32 (off by 2e-3 on GPT-2's
-# 38M-value embedding) and rounds 16-bit norms to the input dtype: its bound only proves that it
-# ran on the same data.
+# Before timing, gradstats' norm must match the float64 norm of the same data this closely (it
+# accumulates in float64). The baselines' errors are recorded, not enforced: torch accumulates in
+# float32 (2e-3 off on GPT-2's 38M-value embedding, and in bfloat16 on a CPU 12% off on
+# Llama-1B's 262M-value one) and rounds 16-bit norms to the input dtype.
 OURS_RTOL = 1e-5
-BASELINE_RTOL = 5e-2
 
 
 class BenchError(RuntimeError):
@@ -142,7 +141,7 @@ class Case:
     sides: list[Side]
     bytes_moved: int
     read_bytes: int  # one read of the gradients
-    notes: list[str] = field(default_factory=list)
+    norm_errors: dict[str, float] = field(default_factory=dict)  # baseline: relative norm error
 
 
 @dataclass
@@ -159,18 +158,16 @@ class Context:
     apex: Callable[[list[Tensor]], object] | None = None
 
 
-def _close(a: float, b: float, rtol: float) -> bool:
-    return abs(a - b) <= rtol * abs(b)
-
-
-def check_norm(what: str, side: str, norm: Tensor, ctx: Context) -> None:
+def norm_error(what: str, side: str, norm: Tensor, ctx: Context) -> float:
+    """The norm's error relative to the float64 norm; raises when gradstats' is off."""
     value = float(norm)
-    rtol = OURS_RTOL if side == "gradstats" else BASELINE_RTOL
-    if not _close(value, ctx.norm, rtol):
+    error = abs(value - ctx.norm) / ctx.norm if ctx.norm else abs(value)
+    if side == "gradstats" and not error <= OURS_RTOL:
         raise BenchError(
-            f"{what}: {side} gives norm {value!r} where the float64 norm is {ctx.norm!r} "
-            f"(relative tolerance {rtol:g}); not timing this"
+            f"{what}: gradstats gives norm {value!r} where the float64 norm is {ctx.norm!r} "
+            f"(relative error {error:.3g} > {OURS_RTOL:g}); not timing a wrong result"
         )
+    return error
 
 
 def stats_case(ctx: Context, grads: GradPool) -> Case:
@@ -181,14 +178,14 @@ def stats_case(ctx: Context, grads: GradPool) -> Case:
         lambda s: torch.nn.utils.get_total_norm(grads.grads[s], foreach=foreach),
         grads.pool,
     )
-    check_norm("stats", "gradstats", gradstats.grad_stats(grads.grads[0]).total_norm, ctx)
-    check_norm("stats", "torch", theirs.run(0), ctx)  # type: ignore[arg-type]
+    norm_error("stats", "gradstats", gradstats.grad_stats(grads.grads[0]).total_norm, ctx)
+    errors = {"torch": norm_error("stats", "torch", theirs.run(0), ctx)}  # type: ignore[arg-type]
     sides = [ours, theirs, ctx.floor]
     if ctx.apex is not None:
         apex = ctx.apex
-        check_norm("stats", "apex", apex(grads.grads[0])[0], ctx)  # type: ignore[index]
+        errors["apex"] = norm_error("stats", "apex", apex(grads.grads[0])[0], ctx)  # type: ignore[index]
         sides.append(Side("apex", lambda s: apex(grads.grads[s]), grads.pool))
-    return Case("stats", sides, ctx.layout.nbytes, ctx.layout.nbytes)
+    return Case("stats", sides, ctx.layout.nbytes, ctx.layout.nbytes, errors)
 
 
 def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
@@ -208,8 +205,9 @@ def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
         grads.pool,
         restore,
     )
+    errors = {}
     for side in (ours, theirs):
-        check_norm(scenario, side.name, side.run(0), ctx)  # type: ignore[arg-type]
+        errors[side.name] = norm_error(scenario, side.name, side.run(0), ctx)  # type: ignore[arg-type]
         if grads.changed(0) != clips:
             raise BenchError(
                 f"{scenario}: {side.name} {'left' if clips else 'changed'} the gradients "
@@ -218,7 +216,8 @@ def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
         grads.restore(0)
     # Bytes that must move: one read for the norm; one more read and a write only when clipping.
     read = ctx.layout.nbytes
-    return Case(scenario, [ours, theirs, ctx.floor], read * (3 if clips else 1), read)
+    del errors["gradstats"]
+    return Case(scenario, [ours, theirs, ctx.floor], read * (3 if clips else 1), read, errors)
 
 
 @dataclass
