@@ -8,8 +8,10 @@ Three tables, for explaining a speed target that misses:
    is below the memory floor's elements per second makes that path compute-bound.
 2. thread scaling: gradstats' statistics and a float32 sum() over GPT-2-sized memory, 1 and 2+
    threads: whether one thread can saturate memory on this machine.
-3. per-tensor overhead: the steps of clip_grad_norm_ on many tiny tensors, in microseconds per
-   tensor (Python wrapper, the ops alone, torch's pieces), which sets the many-tensor speedups.
+3. per-tensor overhead: the steps of clip_grad_norm_ on many small tensors (Python wrapper, the
+   ops alone, torch's pieces), warm (the same tensors again and again) and cold (a sweep through
+   a buffer twice the last-level cache before each call, as the benchmark does), which sets the
+   many-tensor speedups.
 Minimums over the repeats are shown next to medians: on a shared machine the minimum is the
 uncontended cost.
 """
@@ -26,28 +28,34 @@ import torch
 
 import gradstats
 from gradstats import ops
+from gradstats.bench_env import cpu_cache_bytes
 from gradstats.bench_presets import gpt2_small
 from gradstats.stats import collect_grads
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_RESIDENT_ELEMS = 1 << 20  # 4 MB in float32: in the last-level cache, not in memory
 CACHE_TENSORS = 16
-TINY_COUNT = 2_000
-TINY_SIZE = 64
+LISTS = ((2_000, 64), (1_000, 4_096))  # tensors, values each
+SWEEP_CACHES = 2
+FLOAT32_BYTES = 4
 REPEATS = 30
 WARMUP = 3
 US_PER_S = 1e6
 GIGA = 1e9
 
 
-def timed(fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, float]:
-    """(median, min) seconds of fn, garbage collector off."""
+def timed(
+    fn: Callable[[], object], repeats: int = REPEATS, before: Callable[[], object] | None = None
+) -> tuple[float, float]:
+    """(median, min) seconds of fn, garbage collector off; before() runs untimed ahead of each."""
     for _ in range(WARMUP):
         fn()
     gc.disable()
     try:
         times = []
         for _ in range(repeats):
+            if before is not None:
+                before()
             begin = time.perf_counter()
             fn()
             times.append(time.perf_counter() - begin)
@@ -92,14 +100,15 @@ def thread_scaling(max_threads: int) -> list[str]:
     return lines
 
 
-def per_tensor_overhead(threads: int) -> list[str]:
+def per_tensor_overhead(threads: int, count: int, size: int) -> list[str]:
     torch.set_num_threads(threads)
-    grads = [torch.randn(TINY_SIZE) for _ in range(TINY_COUNT)]
+    grads = [torch.randn(size) for _ in range(count)]
     params = []
     for g in grads:
-        p = torch.nn.Parameter(torch.zeros(TINY_SIZE))
+        p = torch.nn.Parameter(torch.zeros(size))
         p.grad = g
         params.append(p)
+    sweep = torch.randn(SWEEP_CACHES * cpu_cache_bytes() // FLOAT32_BYTES).sum
     big = float("inf")
     coef = torch.tensor(0.5)
 
@@ -125,15 +134,18 @@ def per_tensor_overhead(threads: int) -> list[str]:
         "  torch._foreach_mul_": lambda: torch._foreach_mul_(grads, coef),
     }
     lines = [
-        f"| {TINY_COUNT:,} x {TINY_SIZE} float32, {threads} threads | median us | min us "
-        "| min us per tensor |",
-        "|---|---|---|---|",
+        f"| {count:,} x {size:,} float32, {threads} threads | warm median us | warm min us "
+        "| cold median us | cold min us | cold min us per tensor |",
+        "|---|---|---|---|---|---|",
     ]
     for name, fn in steps.items():
         median, best = timed(fn)
+        cold_median, cold_best = timed(fn, before=sweep)
+        cells = [median, best, cold_median, cold_best]
         lines.append(
-            f"| {name} | {median * US_PER_S:.0f} | {best * US_PER_S:.0f} "
-            f"| {best * US_PER_S / TINY_COUNT:.3f} |"
+            f"| {name} | "
+            + " | ".join(f"{c * US_PER_S:.0f}" for c in cells)
+            + f" | {cold_best * US_PER_S / count:.3f} |"
         )
     return lines
 
@@ -146,8 +158,9 @@ def main() -> None:
     print("\n".join(compute_rates()))
     print("\nThread scaling on GPT-2-small float32 gradients (from memory, best of repeats):\n")
     print("\n".join(thread_scaling(args.threads)))
-    print("\nPer-tensor overhead:\n")
-    print("\n".join(per_tensor_overhead(args.threads)))
+    for count, size in LISTS:
+        print("\nPer-tensor overhead:\n")
+        print("\n".join(per_tensor_overhead(args.threads, count, size)))
 
 
 if __name__ == "__main__":
