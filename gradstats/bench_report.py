@@ -22,6 +22,7 @@ PLOT_MIN_WIDTH_IN = 8.0
 PLOT_HEIGHT_IN = 7.5
 PLOT_DPI = 120
 BAR_GROUP_WIDTH = 0.8
+BAR_LABEL_FONT = 6
 
 Row = dict[str, Any]
 Header = dict[str, Any]
@@ -152,6 +153,7 @@ def plot(path: Path, header: Header, rows: list[Row]) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError as err:
         raise PlotUnavailable(
             "--plot needs matplotlib, which is not installed: pip install matplotlib"
@@ -169,15 +171,17 @@ def plot(path: Path, header: Header, rows: list[Row]) -> None:
         picked = [(x, by_group.get(name)) for x, name in zip(xs, groups)]
         present = [(x, row) for x, row in picked if row is not None]
         label = SCENARIO_TITLES.get(scenario, scenario)
-        top.bar([x for x, _ in present], [r["speedup"] for _, r in present], width, label=label)
-        bottom.bar(
-            [x for x, _ in present],
-            [r["floor_fraction"] * PERCENT for _, r in present],
-            width,
-            label=label,
-        )
+        xs_present = [x for x, _ in present]
+        bars = top.bar(xs_present, [r["speedup"] for _, r in present], width, label=label)
+        top.bar_label(bars, fmt="%.1f", fontsize=BAR_LABEL_FONT)
+        fractions = [r["floor_fraction"] * PERCENT for _, r in present]
+        bars = bottom.bar(xs_present, fractions, width, label=label)
+        bottom.bar_label(bars, fmt="%.0f", fontsize=BAR_LABEL_FONT)
     top.axhline(1.0, color="black", linewidth=0.8)
     top.set_yscale("log")
+    times = FuncFormatter(lambda value, _: f"{value:g}x")
+    top.yaxis.set_major_formatter(times)
+    top.yaxis.set_minor_formatter(times)
     top.set_ylabel("speedup over torch (x, log)")
     top.legend(fontsize="small")
     bottom.axhline(PERCENT, color="black", linewidth=0.8)
