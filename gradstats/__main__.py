@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gradstats import bench, bench_env
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -14,11 +16,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, the build and which ops have CPU/CUDA kernels")
     bench_parser = commands.add_parser(
-        "bench", help="time gradstats against torch.nn.utils on real models' gradient shapes"
+        "bench",
+        help="time gradstats against torch.nn.utils on real models' gradient shapes",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # Imported here so that `info` stays fast and works without the benchmark's imports.
-    from gradstats import bench, bench_env
-
     bench.add_arguments(bench_parser)
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -129,7 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario", nargs="+", metavar="NAME", help=f"{', '.join(SCENARIOS)} or all (default all)"
     )
-    parser.add_argument("--repeats", type=int, help="timed calls per side (default: ~1 s per row)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed calls per side (default: fitted to about {ROW_BUDGET_S:g} s per row)",
+    )
     parser.add_argument("--warmup", type=int, help=f"untimed calls per side (default {WARMUP})")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both sides")
     parser.add_argument(
@@ -511,6 +515,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradstats bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gradstats bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
