@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -161,3 +162,57 @@ def test_bench_quick_as_a_module():
 def test_unknown_preset_is_refused():
     with pytest.raises(SystemExit, match="unknown preset"):
         bench.main(["--preset", "gpt5", "--device", "cpu"])
+
+
+def _load_script(name: str, monkeypatch):
+    """Imports benchmarks/NAME.py (a script folder, not a package), registered for dataclasses."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(preset: str, dtype: str, scenario: str, speedup: float, fraction: float) -> dict:
+    return {
+        "preset": preset,
+        "dtype": dtype,
+        "scenario": scenario,
+        "device": "cpu",
+        "speedup": speedup,
+        "floor_fraction": fraction,
+        "bytes": 1,
+    }
+
+
+def test_targets_script_reports_holds_and_misses(tmp_path, capsys, monkeypatch):
+    targets = _load_script("targets", monkeypatch)
+    rows = [
+        _row("gpt2-small", "float32", "stats", 2.0, 0.9),
+        _row("gpt2-small", "bfloat16", "stats", 1.1, 0.5),
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"header": {}, "rows": rows}))
+    assert targets.main([str(path)]) == 0
+    assert targets.main([str(path), "--strict"]) == 1
+    table = capsys.readouterr().out
+    assert "| stats >= 1.5x get_total_norm (float32, bfloat16) | 2 | 1.10x |" in table
+    assert "not measured" in table  # the clip targets have no rows here
+
+
+def test_readme_table_updates_and_checks_the_marked_block(tmp_path, monkeypatch):
+    readme_table = _load_script("readme_table", monkeypatch)
+    out = tmp_path / "cpu.json"
+    assert (
+        bench.main([*QUICK, "--dtype", "float32", "--scenario", "stats", "--json", str(out)]) == 0
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- gradstats-bench:cpu -->\nold\n<!-- /gradstats-bench:cpu -->\nend\n"
+    )
+    assert readme_table.main([str(out), "--check", str(readme)]) == 1
+    assert readme_table.main([str(out), "--update", str(readme)]) == 0
+    assert readme_table.main([str(out), "--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    assert "| many-tiny | float32 | stats vs get_total_norm |" in text
