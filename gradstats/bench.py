@@ -72,8 +72,8 @@ FLOOR_CACHES = 4
 QUICK_FLOOR_BYTES = 4 << 20
 # Leave this share of the free memory unused.
 MEMORY_HEADROOM = 0.8
-# A 1-minute load average this far above the benchmark's own threads marks the run as disturbed.
-BUSY_EXTRA_LOAD = 0.5
+# A row during which other processes used more than this share of the CPUs is flagged.
+BUSY_OTHER_SHARE = 0.05
 BYTES_PER_MS_IN_GBPS = 1e-6
 FLOAT32_BYTES = 4
 PERCENT = 100
@@ -244,13 +244,6 @@ def reference_norm(views: list[torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
-
-
 class Runner:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -268,7 +261,6 @@ class Runner:
         self.evict = scratch.sum
         self.apex = apex_l2norm(self.device)
         self.notes: list[str] = []
-        self.load: list[float] = [_load_average()]
         self.rows: list[Row] = []
         self.repeats_used: set[int] = set()
 
@@ -313,7 +305,6 @@ class Runner:
                 "quick": c.quick,
                 "llama_layers": c.llama_layers,
             },
-            "load_average": self.load,
             "notes": self.notes + self.accuracy_notes() + self.load_notes(),
         }
 
@@ -333,19 +324,18 @@ class Runner:
         ]
 
     def load_notes(self) -> list[str]:
-        """A warning when other processes competed for the CPUs during the run."""
-        own = torch.get_num_threads() if self.device.type == "cpu" else 1
-        busiest = max(self.load)
-        if busiest <= own + BUSY_EXTRA_LOAD:
+        """A warning naming the rows during which other processes used the CPUs."""
+        busy = [row for row in self.rows if (row.get("other_cpu_share") or 0.0) > BUSY_OTHER_SHARE]
+        if not busy:
             return []
+        worst = max(row["other_cpu_share"] for row in busy)
         return [
-            f"the machine was busy: 1-minute load average up to {busiest:.1f} with "
-            f"{os.cpu_count()} CPUs, {own} of them this benchmark's; multi-threaded timings "
-            "suffer most, so these speedups are less trustworthy than a quiet machine's"
+            f"the machine was busy during {len(busy)} of {len(self.rows)} rows: other processes "
+            f"used up to {worst * PERCENT:.0f}% of the {os.cpu_count()} CPUs (other_cpu_share in "
+            "the JSON); multi-threaded timings suffer most, so rerun on an idle machine"
         ]
 
     def save(self) -> None:
-        self.load.append(_load_average())
         if self.config.json_path is not None:
             write_json(self.config.json_path, self.header(), self.rows)
 
@@ -437,12 +427,17 @@ class Runner:
 
     def time_case(self, preset, dtype_name: str, case: Case, floor_bytes: int) -> Row:
         c = self.config
+        others = bench_env.OtherLoad()
+        others.start()
         timings = measure(
             case.sides, self.timer, c.warmup, c.repeats, ROW_BUDGET_S, MIN_REPEATS, MAX_REPEATS
         )
+        share = others.share()
         repeats = len(timings.times["gradstats"])
         self.repeats_used.add(repeats)
-        return self.make_row(preset, dtype_name, case, timings, floor_bytes, repeats)
+        row = self.make_row(preset, dtype_name, case, timings, floor_bytes, repeats)
+        row["other_cpu_share"] = share
+        return row
 
     def make_row(self, preset, dtype_name, case: Case, t: Timings, floor_bytes, repeats) -> Row:
         ours, theirs, floor_ms = t.median("gradstats"), t.median("torch"), t.median("floor")

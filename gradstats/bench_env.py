@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,40 @@ def cpu_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return best or FALLBACK_CACHE_BYTES
+
+
+# /proc/stat's cpu line: user nice system idle iowait irq softirq steal ...; idle and iowait are
+# the idle ones, steal is time the hypervisor gave to other guests.
+_IDLE_FIELDS = (3, 4)
+_BUSY_FIELDS_END = 8
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds used by every process on the machine (all CPUs together), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1 : _BUSY_FIELDS_END + 1]
+        ticks = [int(v) for i, v in enumerate(fields) if i not in _IDLE_FIELDS]
+        return sum(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class OtherLoad:
+    """Share of the machine's CPU capacity that other processes (and other guests of the
+    hypervisor) used between start() and share(): what disturbs timings on a shared machine."""
+
+    def start(self) -> None:
+        self.busy = cpu_busy_seconds()
+        self.own = time.process_time()
+        self.wall = time.perf_counter()
+
+    def share(self) -> float | None:
+        busy = cpu_busy_seconds()
+        wall = time.perf_counter() - self.wall
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        others = (busy - self.busy) - (time.process_time() - self.own)
+        return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def memory_bytes() -> int | None:
