@@ -35,7 +35,7 @@ from gradstats.stats import collect_grads
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_RESIDENT_ELEMS = 1 << 20  # 4 MB in float32: in the last-level cache, not in memory
 CACHE_TENSORS = 16
-LISTS = ((2_000, 64), (1_000, 4_096))  # tensors, values each
+LISTS = ((2_000, 64), (10_000, 1_000), (1_000, 4_096))  # tensors, values each
 SWEEP_CACHES = 2
 FLOAT32_BYTES = 4
 REPEATS = 30
