@@ -1,34 +1,33 @@
-"""python -m gradstats info: how this build was made and which ops have which kernels."""
+"""`python -m gradstats info | bench ...`: the build and this machine, or the benchmark."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 
-import torch
-
-import gradstats
-
-
-def info() -> str:
-    built = gradstats.BUILD_INFO
-    lines = [
-        f"gradstats {gradstats.__version__}",
-        f"built for torch {built['torch']} (CUDA {built['cuda'] or 'none'}), "
-        f"CPU ISA {built['cpu_isa']}",
-        f"installed torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"CUDA kernels in the build: {'yes' if built['cuda'] else 'no'}",
-    ]
-    lines += [f"op {name}: {', '.join(keys)}" for name, keys in gradstats.kernel_devices().items()]
-    return "\n".join(lines)
+from gradstats import bench, bench_env
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["info"]:
-        print(info())
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradstats", description="gradstats: fused gradient statistics and clipping"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, the build and which ops have CPU/CUDA kernels")
+    bench_parser = commands.add_parser(
+        "bench",
+        help="time gradstats against torch.nn.utils on real models' gradient shapes",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_parser)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(bench_env.info_lines()))
         return 0
-    print("usage: python -m gradstats info", file=sys.stderr)
-    return 2
+    return bench.run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

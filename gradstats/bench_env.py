@@ -1,0 +1,221 @@
+"""The machine, the versions and the build, for `python -m gradstats info` and the bench header."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gradstats
+from gradstats import ops
+from gradstats._cpuinfo import has_avx2
+
+_CPU_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+_SMI_TIMEOUT_S = 10
+# Used when the last-level cache size cannot be read (a generous server L3).
+FALLBACK_CACHE_BYTES = 64 << 20
+_SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo; the logical CPU count where unreadable."""
+    pairs: set[tuple[str, str]] = set()
+    package = core = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                package = value.strip()
+            elif key == "core id":
+                core = value.strip()
+                pairs.add((package, core))
+    except OSError:
+        pass
+    return len(pairs) or (os.cpu_count() or 1)
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip()
+    unit = _SIZE_SUFFIX.get(text[-1:].upper(), 1)
+    digits = text[:-1] if unit != 1 else text
+    return int(digits) * unit
+
+
+def cpu_cache_bytes() -> int:
+    """Size of the largest (last-level) CPU cache, from sysfs."""
+    best = 0
+    for index in sorted(_CPU_CACHE.glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            best = max(best, _parse_size((index / "size").read_text()))
+        except (OSError, ValueError):
+            continue
+    return best or FALLBACK_CACHE_BYTES
+
+
+# /proc/stat's cpu line: user nice system idle iowait irq softirq steal ...; idle and iowait are
+# the idle ones, steal is time the hypervisor gave to other guests.
+_IDLE_FIELDS = (3, 4)
+_BUSY_FIELDS_END = 8
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds used by every process on the machine (all CPUs together), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1 : _BUSY_FIELDS_END + 1]
+        ticks = [int(v) for i, v in enumerate(fields) if i not in _IDLE_FIELDS]
+        return sum(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class OtherLoad:
+    """Share of the machine's CPU capacity that other processes (and other guests of the
+    hypervisor) used between start() and share(): what disturbs timings on a shared machine."""
+
+    def start(self) -> None:
+        self.busy = cpu_busy_seconds()
+        self.own = time.process_time()
+        self.wall = time.perf_counter()
+
+    def share(self) -> float | None:
+        busy = cpu_busy_seconds()
+        wall = time.perf_counter() - self.wall
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        others = (busy - self.busy) - (time.process_time() - self.own)
+        return max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version, from nvidia-smi (None where it is missing)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=_SMI_TIMEOUT_S,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def gpu_info(device: torch.device) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "gpu_memory_bytes": props.total_memory,
+        "gpu_multiprocessors": props.multi_processor_count,
+        "gpu_l2_bytes": getattr(props, "L2_cache_size", None),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "driver": nvidia_driver(),
+    }
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache of the device that runs the kernels (CPU L3 or GPU L2)."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return l2 or FALLBACK_CACHE_BYTES
+    return cpu_cache_bytes()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": physical_cores(),
+        "cpu_threads": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_cache_bytes": cpu_cache_bytes(),
+        "memory_bytes": memory_bytes(),
+        "os": platform.platform(),
+    }
+    if device.type == "cuda":
+        info.update(gpu_info(device))
+    return info
+
+
+def versions() -> dict[str, Any]:
+    built = ops._C.build_info()
+    return {
+        "gradstats": gradstats.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "built_for_torch": built["torch"],
+        "built_for_cuda": built["cuda"] or None,
+        "cuda_kernels": bool(built["with_cuda"]),
+        "cpu_isa": built["cpu_isa"],
+    }
+
+
+def info_lines() -> list[str]:
+    """What `python -m gradstats info` prints: versions, build vs installed, kernels, machine."""
+    v = versions()
+    build = ops.BUILD_INFO
+    cuda_build = (
+        f"yes (CUDA {v['built_for_cuda']}, archs {build.get('cuda_archs') or 'default'})"
+        if v["cuda_kernels"]
+        else "no (CPU-only build)"
+    )
+    gpu = "no CUDA device visible"
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        driver = nvidia_driver()
+        gpu += f", driver {driver}" if driver else ""
+    isa_ok = "yes" if v["cpu_isa"] != "avx2" or has_avx2() else "NO"
+    lines = [
+        f"gradstats {v['gradstats']} ({Path(gradstats.__file__).parent})",
+        f"python {v['python']}",
+        f"built against: torch {v['built_for_torch']}, CUDA {v['built_for_cuda'] or 'none'}",
+        f"installed:     torch {v['torch']}, CUDA {v['torch_cuda'] or 'none'}",
+        f"CUDA kernels:  {cuda_build}",
+        f"CPU kernels:   {v['cpu_isa']} (this CPU supports it: {isa_ok})"
+        + (", debug build" if build.get("debug") else ""),
+        f"GPU:           {gpu}",
+        f"CPU:           {cpu_model()}, {physical_cores()} cores, {os.cpu_count()} threads, "
+        f"torch uses {torch.get_num_threads()}",
+        "kernels:",
+    ]
+    for op, keys in ops.kernel_devices().items():
+        lines.append(f"  gradstats::{op:<8} {', '.join(keys) or 'none'}")
+    return lines

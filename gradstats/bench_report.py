@@ -1,0 +1,196 @@
+"""Benchmark output: the JSON file, the markdown table (also from a saved JSON) and the plot.
+
+JSON layout: {"schema": 1, "header": {...machine, versions, method, notes...}, "rows": [...]},
+one row per (preset, dtype, scenario) with at least preset, dtype, scenario, device, gradstats_ms,
+torch_ms, speedup, gbps and floor_fraction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gradstats.bench_cases import SCENARIO_TITLES, SCENARIOS
+
+SCHEMA_VERSION = 1
+MIB = 1 << 20
+GIB = 1 << 30
+PERCENT = 100
+PLOT_WIDTH_PER_GROUP_IN = 0.9
+PLOT_MIN_WIDTH_IN = 8.0
+PLOT_HEIGHT_IN = 7.5
+PLOT_DPI = 120
+BAR_GROUP_WIDTH = 0.8
+BAR_LABEL_FONT = 6
+
+Row = dict[str, Any]
+Header = dict[str, Any]
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+def write_json(path: Path, header: Header, rows: list[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"schema": SCHEMA_VERSION, "header": header, "rows": rows}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def read_json(path: Path) -> tuple[Header, list[Row]]:
+    payload = json.loads(path.read_text())
+    if isinstance(payload, list):  # a bare list of rows
+        return {}, payload
+    return payload.get("header", {}), payload["rows"]
+
+
+def machine_line(header: Header) -> str:
+    m = header.get("machine", {})
+    if not m:
+        return "machine: unknown"
+    cpu = (
+        f"{m.get('cpu')}, {m.get('cpu_cores')} cores / {m.get('cpu_threads')} threads "
+        f"(torch uses {m.get('torch_threads')}), {m.get('cpu_cache_bytes', 0) // MIB} MiB LLC"
+    )
+    if m.get("memory_bytes"):
+        cpu += f", {m['memory_bytes'] / GIB:.0f} GiB RAM"
+    if "gpu" in m:
+        driver = m.get("driver") or "unknown"
+        gpu = f"{m['gpu']} (driver {driver}, CC {m.get('compute_capability')})"
+        return f"GPU: {gpu}; CPU: {cpu}"
+    return f"CPU: {cpu}"
+
+
+def versions_line(header: Header) -> str:
+    v = header.get("versions", {})
+    if not v:
+        return ""
+    build = f"built for torch {v.get('built_for_torch')}, CPU ISA {v.get('cpu_isa')}, " + (
+        f"CUDA kernels for CUDA {v.get('built_for_cuda')}" if v.get("cuda_kernels") else "no CUDA"
+    )
+    return (
+        f"gradstats {v.get('gradstats')} ({build}); torch {v.get('torch')} "
+        f"(CUDA {v.get('torch_cuda') or 'none'}); Python {v.get('python')}"
+    )
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < PERCENT else f"{value:.0f}"
+
+
+def _has(rows: list[Row], key: str) -> bool:
+    return any(row.get(key) is not None for row in rows)
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table of the rows (columns for syncs, AdamW and apex only where measured)."""
+    syncs = _has(rows, "gradstats_syncs")
+    adamw = _has(rows, "adamw_ms")
+    apex = _has(rows, "apex_ms")
+    head = [
+        "preset", "dtype", "scenario", "gradstats ms", "torch ms", "speedup", "GB/s", "of floor"
+    ]  # fmt: skip
+    if syncs:
+        head.append("syncs (ours/torch)")
+    if adamw:
+        head += ["AdamW alone ms", "wrapper cost (reads)"]
+    if apex:
+        head += ["apex ms", "vs apex"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            row["preset"],
+            row["dtype"],
+            SCENARIO_TITLES.get(row["scenario"], row["scenario"]),
+            _fmt_ms(row["gradstats_ms"]),
+            _fmt_ms(row["torch_ms"]),
+            f"{row['speedup']:.2f}x",
+            f"{row['gbps']:.1f}",
+            f"{row['floor_fraction'] * PERCENT:.0f}%",
+        ]
+        if syncs:
+            cells.append(f"{row.get('gradstats_syncs', '-')}/{row.get('torch_syncs', '-')}")
+        if adamw:
+            has = row.get("adamw_ms") is not None
+            cells += [
+                _fmt_ms(row["adamw_ms"]) if has else "",
+                f"{row['overhead_reads']:.2f}" if has else "",
+            ]
+        if apex:
+            has = row.get("apex_ms") is not None
+            cells += [
+                _fmt_ms(row["apex_ms"]) if has else "",
+                f"{row['speedup_vs_apex']:.2f}x" if has else "",
+            ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(header: Header, rows: list[Row]) -> str:
+    """Header lines (machine, versions, method), the table, then the notes."""
+    device = header.get("device", rows[0]["device"] if rows else "?")
+    date = f" ({header['date']})" if "date" in header else ""
+    lines = [f"**gradstats bench on {device}**{date}: {machine_line(header)}"]
+    versions = versions_line(header)
+    if versions:
+        lines += ["", f"Versions: {versions}"]
+    summary = header.get("method", {}).get("summary")
+    if summary:
+        lines += ["", f"Method: {summary}"]
+    lines += ["", table(rows)]
+    notes = header.get("notes", [])
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def plot(path: Path, header: Header, rows: list[Row]) -> None:
+    """PNG with two panels: speedup over torch and fraction of the bandwidth floor, per scenario."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as err:
+        raise PlotUnavailable(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib"
+        ) from err
+    groups = list(dict.fromkeys(f"{row['preset']}\n{row['dtype']}" for row in rows))
+    scenarios = [s for s in SCENARIOS if any(row["scenario"] == s for row in rows)]
+    width = BAR_GROUP_WIDTH / max(len(scenarios), 1)
+    size = (max(PLOT_MIN_WIDTH_IN, PLOT_WIDTH_PER_GROUP_IN * len(groups)), PLOT_HEIGHT_IN)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=size, sharex=True)
+    for i, scenario in enumerate(scenarios):
+        by_group = {
+            f"{row['preset']}\n{row['dtype']}": row for row in rows if row["scenario"] == scenario
+        }
+        xs = [g + (i - (len(scenarios) - 1) / 2) * width for g in range(len(groups))]
+        picked = [(x, by_group.get(name)) for x, name in zip(xs, groups)]
+        present = [(x, row) for x, row in picked if row is not None]
+        label = SCENARIO_TITLES.get(scenario, scenario)
+        xs_present = [x for x, _ in present]
+        bars = top.bar(xs_present, [r["speedup"] for _, r in present], width, label=label)
+        top.bar_label(bars, fmt="%.1f", fontsize=BAR_LABEL_FONT)
+        fractions = [r["floor_fraction"] * PERCENT for _, r in present]
+        bars = bottom.bar(xs_present, fractions, width, label=label)
+        bottom.bar_label(bars, fmt="%.0f", fontsize=BAR_LABEL_FONT)
+    top.axhline(1.0, color="black", linewidth=0.8)
+    top.set_yscale("log")
+    times = FuncFormatter(lambda value, _: f"{value:g}x")
+    top.yaxis.set_major_formatter(times)
+    top.yaxis.set_minor_formatter(times)
+    top.set_ylabel("speedup over torch (x, log)")
+    top.legend(fontsize="small")
+    bottom.axhline(PERCENT, color="black", linewidth=0.8)
+    bottom.set_ylabel("% of bandwidth floor")
+    bottom.set_xticks(range(len(groups)))
+    bottom.set_xticklabels(groups, fontsize="small")
+    title = f"gradstats bench on {header.get('device', '?')}: {machine_line(header)}"
+    fig.suptitle(title, fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
