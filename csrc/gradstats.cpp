@@ -1,9 +1,11 @@
 // The one place that declares the gradstats ops (their schemas), and the pybind11 module
 // gradstats._C that loads them, reports how it was built and does the per-tensor bookkeeping that
 // costs ~100 ns a tensor in Python. Kernels live in cpu/ and cuda/.
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 namespace py = pybind11;
@@ -24,23 +26,56 @@ TORCH_LIBRARY(gradstats, m) {
 
 namespace {
 
-// The defined .grad of each parameter, in order (what torch.nn.utils collects in Python).
-std::vector<at::Tensor> collect_grads(const std::vector<at::Tensor>& params) {
-  std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
-  for (const at::Tensor& p : params) {
-    const at::Tensor& g = p.grad();
-    if (g.defined()) grads.push_back(g);
+// The tensor behind a Python object, or a TypeError naming the item.
+const at::Tensor& unpack(py::handle item, size_t index, const char* what) {
+  if (!THPVariable_Check(item.ptr())) {
+    throw py::type_error(std::string(what) + ": item " + std::to_string(index) + " is a " +
+                         Py_TYPE(item.ptr())->tp_name + ", expected a tensor or a parameter");
+  }
+  return THPVariable_Unpack(item.ptr());
+}
+
+py::object wrap(const at::Tensor& t) {
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(t));
+}
+
+// The defined .grad of each parameter, in order (what torch.nn.utils collects in Python). Works on
+// the Python objects directly: no intermediate vector of tensors, no conversions back.
+py::list collect_grads(const py::list& params) {
+  py::list grads;
+  size_t index = 0;
+  for (const py::handle item : params) {
+    const at::Tensor& g = unpack(item, index++, "collect_grads").grad();
+    if (g.defined()) grads.append(wrap(g));
   }
   return grads;
 }
 
+// What grad_stats reads of each item: a Parameter, or a leaf tensor that requires grad, gives its
+// .grad (nothing when it has none); any other tensor gives itself. The Parameter test is on the
+// exact type hierarchy (PyObject_TypeCheck), as the metaclass's isinstance would cost a Python
+// call.
+py::list grads_or_tensors(const py::list& items, const py::handle& parameter_type) {
+  py::list out;
+  auto* parameter = reinterpret_cast<PyTypeObject*>(parameter_type.ptr());
+  size_t index = 0;
+  for (const py::handle item : items) {
+    const at::Tensor& t = unpack(item, index++, "grad_stats");
+    if (!PyObject_TypeCheck(item.ptr(), parameter) && !(t.requires_grad() && t.is_leaf())) {
+      out.append(item);
+    } else if (t.grad().defined()) {
+      out.append(wrap(t.grad()));
+    }
+  }
+  return out;
+}
+
 // Indices of the tensors on each device, devices in order of first appearance.
-std::vector<std::vector<int64_t>> device_groups(const std::vector<at::Tensor>& tensors) {
+std::vector<std::vector<int64_t>> device_groups(const py::list& tensors) {
   std::vector<c10::Device> devices;
   std::vector<std::vector<int64_t>> groups;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const c10::Device d = tensors[i].device();
+    const c10::Device d = unpack(tensors[i], i, "device_groups").device();
     size_t k = 0;
     while (k < devices.size() && devices[k] != d) ++k;
     if (k == devices.size()) {
@@ -70,4 +105,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("collect_grads", &collect_grads, "the defined .grad of each parameter");
   m.def("device_groups", &device_groups, "indices of the tensors on each device");
+  m.def("grads_or_tensors", &grads_or_tensors, "what grad_stats reads of each item");
 }

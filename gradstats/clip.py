@@ -85,10 +85,10 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
     With zero_counts (per-tensor non-finite counts), the NaN/Inf elements of the tensors that hold
     any are set to 0. DTensors are scaled through their local shards.
     """
+    if zero_counts is None and _nothing_to_clip_on_cpu(coef):
+        return  # the coefficient is global: no device has anything to scale
     tensors = local_tensors(tensors)
     groups = ops.device_groups(tensors)
-    if len(groups) == 1 and zero_counts is None and _nothing_to_clip_on_cpu(coef):
-        return
     for idx in groups:
         device = tensors[idx[0]].device
         counts = zero_counts
@@ -154,7 +154,7 @@ def get_total_norm(
     """
     del foreach
     p = check_norm_type(norm_type)
-    items = [t.detach() for t in as_tensor_list(tensors)]
+    items = as_tensor_list(tensors)
     if not items and process_group is None:
         return torch.tensor(0.0)
     st = compute(items, p, float("inf"), "propagate", process_group, per_tensor=False)

@@ -29,7 +29,12 @@ def stats(
     input is float64), and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with
     the totals in the last column.
     """
-    return torch.ops.gradstats.stats(list(tensors), float(norm_type), float(max_norm), on_nonfinite)
+    # Statistics are not differentiated: no_grad keeps tensors that require grad (activations,
+    # get_total_norm inputs) from giving outputs that pretend to be.
+    with torch.no_grad():
+        return torch.ops.gradstats.stats(
+            list(tensors), float(norm_type), float(max_norm), on_nonfinite
+        )
 
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor, zero_nonfinite: Tensor | None = None) -> None:
@@ -43,6 +48,18 @@ def collect_grads(parameters: Sequence[Tensor]) -> list[Tensor]:
     if torch.compiler.is_compiling():
         return [p.grad for p in parameters if p.grad is not None]
     return _C.collect_grads(list(parameters))
+
+
+def grads_or_tensors(items: Sequence[Tensor]) -> list[Tensor]:
+    """What grad_stats reads of each item: a Parameter, or a leaf tensor that requires grad, gives
+    its .grad (nothing when it has none); any other tensor gives itself."""
+    if torch.compiler.is_compiling():
+        grads = [
+            t.grad if isinstance(t, torch.nn.Parameter) or (t.requires_grad and t.is_leaf) else t
+            for t in items
+        ]
+        return [g for g in grads if g is not None]
+    return _C.grads_or_tensors(list(items), torch.nn.Parameter)
 
 
 def device_groups(tensors: Sequence[Tensor]) -> list[list[int]]:

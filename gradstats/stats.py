@@ -106,12 +106,6 @@ def collect_grads(parameters: TensorOrTensors) -> list[Tensor]:
     return ops.collect_grads(as_tensor_list(parameters))
 
 
-def _grad_or_self(t: Tensor) -> Tensor | None:
-    if isinstance(t, torch.nn.Parameter) or (t.requires_grad and t.is_leaf):
-        return t.grad
-    return t
-
-
 def check_norm_type(norm_type: float | str) -> float:
     try:
         p = float(norm_type)
@@ -210,7 +204,7 @@ def grad_stats(
     Replicated (DDP) gradients need neither. See gradstats.distributed.
     """
     items = as_tensor_list(parameters_or_tensors)
-    tensors = [g for g in map(_grad_or_self, items) if g is not None]
+    tensors = ops.grads_or_tensors(items)
     p = check_norm_type(norm_type)
     limit = math.inf if max_norm is None else check_max_norm(max_norm)
     if not tensors and process_group is None:
@@ -241,6 +235,5 @@ def count_nonfinite(tensors: TensorOrTensors) -> Tensor:
     items = as_tensor_list(tensors)
     if not items:
         return torch.zeros(0, dtype=torch.int64)
-    detached = [t.detach() for t in items]
-    counts = compute(detached, math.inf, math.inf, "zero").counts[NONFINITE_ROW]
+    counts = compute(items, math.inf, math.inf, "zero").counts[NONFINITE_ROW]
     return counts[0] if isinstance(tensors, Tensor) else counts[:-1]

@@ -175,3 +175,10 @@ def test_a_rejected_tensor_later_in_the_list_leaves_earlier_ones_unscaled():
     with pytest.raises(RuntimeError, match="tensor 1 has dtype"):
         ops.scale_([good, torch.ones(3, dtype=torch.int64)], torch.tensor(0.5))
     assert torch.equal(good, before)
+
+
+def test_non_tensor_items_get_a_clear_type_error():
+    with pytest.raises(TypeError, match="item 1 is a str, expected a tensor or a parameter"):
+        gradstats.clip_grad_norm_([torch.nn.Parameter(torch.randn(2)), "w"], 1.0)
+    with pytest.raises(TypeError, match="item 0 is a int"):
+        gradstats.grad_stats([3])

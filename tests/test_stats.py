@@ -246,3 +246,26 @@ def test_count_nonfinite(device):
     assert gradstats.count_nonfinite(x).item() == 3 and gradstats.count_nonfinite(x).dim() == 0
     assert gradstats.count_nonfinite([x, y]).tolist() == [3, 0]
     assert gradstats.count_nonfinite([]).numel() == 0
+
+
+def test_grad_stats_item_rules():
+    """Parameters and leaves that require grad give their .grad; other tensors are read as is."""
+    frozen = torch.nn.Parameter(torch.randn(5), requires_grad=False)  # no grad: skipped
+    trained = torch.nn.Parameter(torch.randn(5))
+    trained.grad = torch.full((5,), 2.0)
+    leaf = torch.randn(5, requires_grad=True)  # a leaf without a gradient yet: skipped
+    activation = torch.randn(5, requires_grad=True) * 1.0  # not a leaf: read as is
+    plain = torch.full((5,), 3.0)
+    s = gradstats.grad_stats([frozen, trained, leaf, activation, plain])
+    assert s.num_tensors == 3
+    want = [trained.grad.norm().item(), activation.detach().norm().item(), plain.norm().item()]
+    assert s.norms.tolist() == pytest.approx(want, rel=1e-6)
+    assert not s.total_norm.requires_grad
+
+
+def test_statistics_of_tensors_that_require_grad_do_not_require_grad():
+    x = torch.randn(10, requires_grad=True) * 2.0
+    norm = gradstats.get_total_norm([x])
+    assert not norm.requires_grad
+    assert_close_rel(norm.item(), x.detach().double().norm().item(), 1e-6, "norm")
+    assert gradstats.count_nonfinite(x).item() == 0
