@@ -106,32 +106,41 @@ inline void flush(V (&acc)[N], double (&totals)[L]) {
   for (V& a : acc) a = V(S(0));
 }
 
+// Groups per step: one vector for each accumulator.
+constexpr int64_t kStepGroups = kAccs / 2;
+
+// Adds kStepGroups groups at p into the accumulators. Every index is a constant once the loops are
+// unrolled, which lets the compiler keep the accumulators in registers.
+template <NormKind K, typename T, typename V>
+inline void add_step(const T* p, V (&acc)[kAccs]) {
+  V x[kAccs];
+  for (int k = 0; k < kStepGroups; ++k) load_group(p + k * kGroup<T>, x[2 * k], x[2 * k + 1]);
+  for (int k = 0; k < kAccs; ++k) acc[k] = add_term<K>(acc[k], x[k]);
+}
+
 template <NormKind K, typename T>
 double fast_row_sum(const T* p, int64_t n) {
   using V = Vec<T>;
   using S = opmath_t<T>;
   constexpr int64_t kBlock = kGroup<T> * kFlushGroups;
+  constexpr int64_t kStep = kGroup<T> * kStepGroups;
   constexpr int kLanes = V::size();
   double totals[kLanes] = {};  // per-lane double totals: independent adds, combined at the end
   V acc[kAccs];
   for (V& a : acc) a = V(S(0));
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    for (int64_t g = 0; g < kFlushGroups; ++g) {
-      V a, b;
-      load_group(p + i + g * kGroup<T>, a, b);
-      const int k = static_cast<int>(2 * g) % kAccs;
-      acc[k] = add_term<K>(acc[k], a);
-      acc[k + 1] = add_term<K>(acc[k + 1], b);
-    }
+    for (int64_t j = 0; j < kBlock; j += kStep) add_step<K>(p + i + j, acc);
     flush<K>(acc, totals);
   }
-  // The rest of the row: fewer than kFlushGroups groups, spread over the accumulators the same way.
-  for (int k = 0; i + kGroup<T> <= n; i += kGroup<T>, k = (k + 2) % kAccs) {
+  // The rest of the row: fewer than kFlushGroups groups, so each lane still sums at most
+  // kFlushGroups / kStepGroups steps plus kStepGroups - 1 single groups.
+  for (; i + kStep <= n; i += kStep) add_step<K>(p + i, acc);
+  for (; i + kGroup<T> <= n; i += kGroup<T>) {
     V a, b;
     load_group(p + i, a, b);
-    acc[k] = add_term<K>(acc[k], a);
-    acc[k + 1] = add_term<K>(acc[k + 1], b);
+    acc[0] = add_term<K>(acc[0], a);
+    acc[1] = add_term<K>(acc[1], b);
   }
   flush<K>(acc, totals);
   double total = 0.0;
