@@ -21,22 +21,12 @@
 #include "cuda/planner.h"
 // clang-format on
 
+#include "check.h"
+
 using namespace gradstats;
 using namespace gradstats::gpu;
 
 namespace {
-
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
 
 // Relative tolerance of the kernels' norms against exact_partial in double: their float lanes
 // sum at most 8 terms before adding them in double (kernels.cuh).
@@ -393,6 +383,5 @@ void test_scale() {
 int main() {
   test_stats();
   test_scale();
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return report();
 }

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "cuda/planner.h"
 
 using namespace gradstats;
@@ -15,28 +16,11 @@ using namespace gradstats::gpu;
 
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
 template <typename A, typename B>
 void check_eq(const A& actual, const B& expected, const std::string& what) {
-  const bool ok = actual == static_cast<A>(expected);
-  if (!ok) {
-    std::printf("FAILED: %s: got %lld, expected %lld\n", what.c_str(),
-                static_cast<long long>(actual), static_cast<long long>(expected));
-    ++failed;
-  } else {
-    ++passed;
-  }
+  check(actual == static_cast<A>(expected),
+        what + ": got " + std::to_string(static_cast<long long>(actual)) + ", expected " +
+            std::to_string(static_cast<long long>(expected)));
 }
 
 bool throws(const std::function<void()>& f) {
@@ -387,6 +371,5 @@ int main() {
   test_launch_split_by_dims();
   test_pack_errors();
   test_table_sizes();
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return report();
 }

@@ -18,22 +18,12 @@
 #include "cuda/device.cuh"
 // clang-format on
 
+#include "check.h"
+
 using namespace gradstats;
 using namespace gradstats::gpu;
 
 namespace {
-
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
 
 // Counts the visits of each element (elements hold their own index) and overwrites it.
 template <typename T>
@@ -47,7 +37,7 @@ struct CountVisits {
     x = T(kVisited);
   }
   void pack(Pack<T>& v, int slot) {
-    if (slot < 0 || slot >= kLoadsInFlight) ++failed;
+    check(slot >= 0 && slot < kLoadsInFlight, "pack slot within the loads in flight");
     for (int e = 0; e < kPerPack<T>; ++e) {
       ++(*visits)[static_cast<int64_t>(static_cast<float>(v.x[e]))];
       v.x[e] = T(kVisited);
@@ -86,7 +76,7 @@ void flat_case(int offset, int len) {
 struct RecordAddresses {
   std::map<const float*, int>* visits;
   void element(float& x, int) { ++(*visits)[&x]; }
-  void pack(Pack<float>&, int) { ++failed; }  // strided walks have no packs
+  void pack(Pack<float>&, int) { check(false, "strided walks have no packs"); }
 };
 
 void strided_case(std::vector<int64_t> sizes, std::vector<int64_t> strides, int64_t chunk) {
@@ -142,6 +132,5 @@ int main() {
   strided_case({1000, 3}, {5, 1}, 64);  // rows shorter than a warp
   strided_case({3, 2, 2, 2, 2, 5}, {1000, 300, 100, 40, 13, 2}, 17);
   strided_case({5, 1000}, {0, 1}, 333);  // a broadcast dim
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return report();
 }
