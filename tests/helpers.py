@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+
+from gradstats.reference import reference_stats
 
 # Every device test runs on the CPU and, marked "gpu", on CUDA (skipped at run time without one).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -51,3 +55,28 @@ def assert_close_rel(actual: float, expected: float, rtol: float, what: str = "v
         f"{what}: {actual!r} vs oracle {expected!r}: relative error "
         f"{err / abs(expected) if expected else err:.3g} > {rtol:g}"
     )
+
+
+def norm_rtol(tensors: list[torch.Tensor], norm_type: float = 2.0) -> float:
+    """Tolerance of a norm against the oracle: the loosest of the inputs' dtypes (pow() per element
+    for a general p in float64 adds its own rounding)."""
+    rtol = max(NORM_RTOL[t.real.dtype if t.is_complex() else t.dtype] for t in tensors)
+    return rtol if norm_type in (1.0, 2.0, math.inf) else max(rtol, 1e-9)
+
+
+def assert_stats_match_oracle(tensors, out, norm_type=2.0, max_norm=1.0, policy="propagate"):
+    """The outputs of the stats op on these tensors against the float64 oracle: norms within the
+    dtype tolerance, counts exact."""
+    total, coef, norms, counts = out
+    ref = reference_stats([t.cpu() for t in tensors], norm_type, max_norm, policy)
+    rtol = norm_rtol(tensors, norm_type)
+    assert_close_rel(total.item(), ref.total_norm, rtol, "total norm")
+    assert_close_rel(coef.item(), ref.clip_coef, max(rtol, 1e-6), "clip coefficient")
+    for i, (got, want) in enumerate(zip(norms.tolist(), ref.norms)):
+        assert_close_rel(got, want, rtol, f"norm of tensor {i}")
+    counts = counts.cpu()
+    nonfinite = [a + b for a, b in zip(ref.nan_counts, ref.inf_counts)]
+    assert counts[0, :-1].tolist() == ref.nan_counts
+    assert counts[1, :-1].tolist() == ref.inf_counts
+    assert counts[2, :-1].tolist() == nonfinite
+    assert counts[:, -1].tolist() == [sum(ref.nan_counts), sum(ref.inf_counts), sum(nonfinite)]

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import CLIP_RTOL, NORM_RTOL, assert_close_rel
+from helpers import CLIP_RTOL, NORM_RTOL, assert_close_rel, assert_stats_match_oracle
 
 import gradstats
 from gradstats import ops
@@ -48,30 +48,6 @@ def _assert_same_values(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     """Equal values, NaN matching NaN whatever its payload (the CPU's vectorised float-to-bfloat16
     conversion writes another NaN than the scalar one)."""
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True, msg=what)
-
-
-def _out_rtol(tensors: list[torch.Tensor]) -> float:
-    """Tolerance of a norm against the oracle: the loosest of the inputs' dtypes."""
-    return max(NORM_RTOL[t.real.dtype if t.is_complex() else t.dtype] for t in tensors)
-
-
-def _check_against_oracle(tensors, out, norm_type=2.0, max_norm=1.0, policy="propagate"):
-    total, coef, norms, counts = out
-    ref = reference_stats([t.cpu() for t in tensors], norm_type, max_norm, policy)
-    rtol = _out_rtol(tensors)
-    assert_close_rel(total.item(), ref.total_norm, rtol, "total norm")
-    assert_close_rel(coef.item(), ref.clip_coef, rtol, "clip coefficient")
-    for i, (got, want) in enumerate(zip(norms.tolist(), ref.norms)):
-        assert_close_rel(got, want, rtol, f"norm of tensor {i}")
-    counts = counts.cpu()
-    assert counts[0, :-1].tolist() == ref.nan_counts
-    assert counts[1, :-1].tolist() == ref.inf_counts
-    assert counts[2, :-1].tolist() == [a + b for a, b in zip(ref.nan_counts, ref.inf_counts)]
-    assert counts[:, -1].tolist() == [
-        sum(ref.nan_counts),
-        sum(ref.inf_counts),
-        sum(ref.nan_counts) + sum(ref.inf_counts),
-    ]
 
 
 def _mixed_tensors(device: str = "cuda", with_float64: bool = False) -> list[torch.Tensor]:
@@ -134,7 +110,7 @@ def test_mixed_dtypes_match_cpu_and_oracle(with_float64):
         out = ops.stats(tensors, 2.0, 1.0, policy)
         assert out[0].device.type == "cuda"
         assert out[0].dtype == (torch.float64 if with_float64 else torch.float32)
-        _check_against_oracle(tensors, out, policy=policy)
+        assert_stats_match_oracle(tensors, out, policy=policy)
         cpu = ops.stats([t.cpu() for t in tensors], 2.0, 1.0, policy)
         assert torch.equal(out[3].cpu(), cpu[3]), "counts differ from the CPU kernel's"
 
@@ -158,7 +134,8 @@ def test_one_stats_launch_and_one_scale_launch_for_mixed_dtypes():
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0, 0.5])
 def test_norm_types(norm_type):
     tensors = _mixed_tensors()
-    _check_against_oracle(tensors, ops.stats(tensors, norm_type, 0.5, "propagate"), norm_type, 0.5)
+    out = ops.stats(tensors, norm_type, 0.5, "propagate")
+    assert_stats_match_oracle(tensors, out, norm_type, 0.5)
 
 
 # --- numerics: overflow, underflow, non-finite chunks -----------------------------------------
@@ -171,7 +148,7 @@ def test_no_spurious_overflow_and_clipping_not_zeroing():
     big64 = torch.full((3,), 1e200, device="cuda", dtype=torch.float64)  # squares overflow double
     for tensors in ([big32, big16], [big64, big16.double()]):
         out = ops.stats(tensors, 2.0, 1.0, "propagate")
-        _check_against_oracle(tensors, out)
+        assert_stats_match_oracle(tensors, out)
         assert math.isfinite(out[0].item())
     for g in (big32, big16):
         param = torch.nn.Parameter(torch.empty_like(g))
@@ -190,7 +167,7 @@ def test_tiny_values_do_not_underflow(dtype):
     tiny = (torch.rand(2 * CHUNK + 3, device="cuda") * 1e-30).to(dtype)
     zeros = torch.zeros(CHUNK, device="cuda", dtype=dtype)
     tensors = [tiny, zeros]
-    _check_against_oracle(tensors, ops.stats(tensors, 2.0, 1.0, "propagate"))
+    assert_stats_match_oracle(tensors, ops.stats(tensors, 2.0, 1.0, "propagate"))
 
 
 @gpu
@@ -204,7 +181,7 @@ def test_nonfinite_chunks_counted_exactly(dtype):
     y = torch.randn(CHUNK, device="cuda").to(dtype)
     for policy in POLICIES:
         for p in (2.0, 1.0, math.inf):
-            _check_against_oracle([x, y], ops.stats([x, y], p, 1.0, policy), p, 1.0, policy)
+            assert_stats_match_oracle([x, y], ops.stats([x, y], p, 1.0, policy), p, 1.0, policy)
 
 
 # --- long lists, launch splits, determinism ---------------------------------------------------
@@ -431,7 +408,7 @@ def test_two_gpus():
     with torch.cuda.device(0):  # the op guards the tensors' device, not the current one
         out1 = ops.stats(on1, 2.0, 1.0, "zero")
     assert out1[0].device == torch.device("cuda:1")
-    _check_against_oracle(on1, out1, policy="zero")
+    assert_stats_match_oracle(on1, out1, policy="zero")
 
     tensors = on0 + on1
     st = gradstats.grad_stats(tensors, max_norm=1.0)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, NORM_RTOL, assert_close_rel
+from helpers import DEVICES, DTYPES, NORM_RTOL, assert_close_rel, assert_stats_match_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,25 +20,9 @@ BIG = 3 * (1 << 16) + 17
 
 
 def check_against_oracle(tensors, norm_type=2.0, max_norm=1.0, policy="propagate"):
-    total, coef, norms, counts = ops.stats(tensors, norm_type, max_norm, policy)
-    ref = reference_stats(tensors, norm_type, max_norm, policy)
-    dtypes = [t.real.dtype if t.is_complex() else t.dtype for t in tensors]
-    rtol = max(NORM_RTOL[d] for d in dtypes)
-    if norm_type not in (1.0, 2.0, math.inf):
-        rtol = max(rtol, 1e-9)  # pow() per element in float64
-    assert_close_rel(total.item(), ref.total_norm, rtol, "total norm")
-    for i, (got, want) in enumerate(zip(norms.tolist(), ref.norms)):
-        assert_close_rel(got, want, rtol, f"norm of tensor {i}")
-    assert counts[0, :-1].tolist() == ref.nan_counts
-    assert counts[1, :-1].tolist() == ref.inf_counts
-    assert counts[2, :-1].tolist() == [a + b for a, b in zip(ref.nan_counts, ref.inf_counts)]
-    assert counts[:, -1].tolist() == [
-        sum(ref.nan_counts),
-        sum(ref.inf_counts),
-        sum(ref.nan_counts) + sum(ref.inf_counts),
-    ]
-    assert_close_rel(coef.item(), ref.clip_coef, max(rtol, 1e-6), "clip coefficient")
-    return total, coef, norms, counts
+    out = ops.stats(tensors, norm_type, max_norm, policy)
+    assert_stats_match_oracle(tensors, out, norm_type, max_norm, policy)
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
