@@ -26,6 +26,11 @@ enum class Nonfinite : int32_t { kPropagate = 0, kSkip = 1, kZero = 2 };
 // The element types the kernels read; a tag per tensor lets one launch cover every dtype.
 enum class DType : int32_t { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// Bytes per element of a DType.
+GS_HD constexpr int itemsize(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
+}
+
 struct NormSpec {
   NormKind kind;
   double p;  // 1, 2, inf or the general exponent

@@ -38,17 +38,6 @@ bool close(double actual, double expected, double rtol = kNormRtol) {
   return std::fabs(actual - expected) <= rtol * std::fabs(expected);
 }
 
-int itemsize_of(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat64:
-      return 8;
-    case DType::kFloat32:
-      return 4;
-    default:
-      return 2;
-  }
-}
-
 double load_as_double(const unsigned char* p, DType dtype) {
   switch (dtype) {
     case DType::kFloat64:
@@ -91,9 +80,9 @@ struct HostTensor {
   unsigned char* data() {
     const auto start = reinterpret_cast<uintptr_t>(buffer.data());
     const uintptr_t aligned = (start + kVectorBytes - 1) / kVectorBytes * kVectorBytes;
-    return reinterpret_cast<unsigned char*>(aligned) + offset * itemsize_of(dtype);
+    return reinterpret_cast<unsigned char*>(aligned) + offset * itemsize(dtype);
   }
-  unsigned char* at(int64_t element_offset) { return data() + element_offset * itemsize_of(dtype); }
+  unsigned char* at(int64_t element_offset) { return data() + element_offset * itemsize(dtype); }
   // Calls f(pointer to element) for every element, in walk order (layout.h).
   template <class F>
   void for_each(F&& f) {
@@ -110,14 +99,14 @@ HostTensor make_tensor(DType dtype, std::vector<int64_t> sizes, std::vector<int6
   int64_t span = 1;
   for (size_t d = 0; d < sizes.size(); ++d) span += (sizes[d] - 1) * strides[d];
   if (t.layout.numel == 0) span = 0;
-  t.buffer.assign((span + offset) * itemsize_of(dtype) + 2 * kVectorBytes, 0);
+  t.buffer.assign((span + offset) * itemsize(dtype) + 2 * kVectorBytes, 0);
   std::normal_distribution<double> normal;
   for (int64_t i = 0; i < span; ++i) store_from_double(t.at(i), dtype, scale * normal(gen));
   return t;
 }
 
 TensorDesc describe(HostTensor& t) {
-  return TensorDesc{reinterpret_cast<uint64_t>(t.data()), itemsize_of(t.dtype), t.dtype, t.layout};
+  return TensorDesc{reinterpret_cast<uint64_t>(t.data()), itemsize(t.dtype), t.dtype, t.layout};
 }
 
 struct Outputs {
@@ -349,7 +338,7 @@ void test_scale() {
         t.for_each([&](unsigned char* p) { got_elements.push_back(p); });
         size_t k = 0;
         before[i].for_each([&](unsigned char* p) {
-          const int item = itemsize_of(t.dtype);
+          const int item = itemsize(t.dtype);
           const double x = load_as_double(p, t.dtype);
           const bool zero_it = zeroing && zero[i] > 0 && !std::isfinite(x);
           unsigned char expected[sizeof(double)];

@@ -39,20 +39,9 @@ uint64_t address_of(int i, uint64_t offset = 0) {
   return kBase + kSpacing * static_cast<uint64_t>(i) + offset;
 }
 
-int itemsize_of(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat64:
-      return 8;
-    case DType::kFloat32:
-      return 4;
-    default:
-      return 2;
-  }
-}
-
 TensorDesc strided_desc(std::vector<int64_t> sizes, std::vector<int64_t> strides, DType dtype,
                         uint64_t address) {
-  TensorDesc d{address, itemsize_of(dtype), dtype, Layout{}};
+  TensorDesc d{address, itemsize(dtype), dtype, Layout{}};
   if (!make_layout(sizes.data(), strides.data(), static_cast<int>(sizes.size()), d.layout)) {
     throw std::logic_error("test layout does not fit");
   }
@@ -137,7 +126,7 @@ void test_vector_head_and_split() {
 // Every chunk of a misaligned flat tensor starts its packs on a 16-byte boundary.
 void test_misaligned_chunks_align_packs() {
   for (DType dtype : {DType::kFloat64, DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    const int item = itemsize_of(dtype);
+    const int item = itemsize(dtype);
     for (int misalign = 0; misalign < kVectorBytes; misalign += item) {
       const uint64_t address = address_of(3, static_cast<uint64_t>(misalign));
       const std::vector<TensorDesc> tensors = {flat_desc(3 * kChunkElems + 11, dtype, address)};
@@ -220,9 +209,8 @@ void test_launch_split_by_capacity() {
   const DType dtypes[] = {DType::kFloat64, DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   for (int i = 0; i < 11; ++i) {
     const DType dtype = dtypes[i % 4];
-    tensors.push_back(
-        flat_desc(i % 3 == 0 ? 0 : (i * kChunkElems) / 2 + i, dtype,
-                  address_of(i, static_cast<uint64_t>(itemsize_of(dtype) * (i % 2)))));
+    tensors.push_back(flat_desc(i % 3 == 0 ? 0 : (i * kChunkElems) / 2 + i, dtype,
+                                address_of(i, static_cast<uint64_t>(itemsize(dtype) * (i % 2)))));
   }
   const CallPlan plan = plan_call(tensors, Tiny::kCapacity, Tiny::kDimCapacity);
   check_eq(plan.launches.size(), 3, "11 tensors, 4 per launch: 3 launches");
