@@ -111,12 +111,7 @@ def build_extension():
     cpu_isa = decide_cpu_isa()
     debug = _env("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    defines = [
-        f'-DGRADSTATS_TORCH_VERSION="{torch.__version__}"',
-        f'-DGRADSTATS_CUDA_VERSION="{torch.version.cuda if toolkit else ""}"',
-        f'-DGRADSTATS_CPU_ISA="{cpu_isa}"',
-    ]
-    cxx = [*opt, "-fopenmp", "-Wall", "-Wno-psabi", *defines]
+    cxx = [*opt, "-fopenmp", "-Wall", "-Wno-psabi"]
     if cpu_isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
@@ -128,7 +123,7 @@ def build_extension():
     )
     if toolkit:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-        nvcc = [*opt, "-lineinfo", *defines, "-DGRADSTATS_WITH_CUDA"]
+        nvcc = [*opt, "-lineinfo", "-DGRADSTATS_WITH_CUDA"]
         if _env("PTXAS_VERBOSE", "0") == "1":
             nvcc.append("-Xptxas=-v")
         ext = cpp_extension.CUDAExtension(

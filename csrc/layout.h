@@ -11,6 +11,14 @@ namespace gradstats {
 
 constexpr int kMaxLayoutDims = 16;
 
+// Elements per chunk, on every device: the kernels cut each tensor into chunks of this many
+// elements (the last one shorter) and reduce every chunk to one Partial (partial.h). 2^16 elements
+// (128-512 KiB) amortise the per-chunk work, yet a model's gradients still give thousands of chunks
+// to balance over CPU threads or a persistent GPU grid. A multiple of every vector width, so all
+// chunks of a tensor share its 16-byte alignment. The devices need not agree (each is
+// deterministic on its own), but one size keeps their tests and planners alike.
+constexpr int64_t kChunkElems = int64_t{1} << 16;
+
 struct Layout {
   int ndim = 0;  // after merging; 0 for a single element
   int64_t numel = 1;

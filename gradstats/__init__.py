@@ -5,12 +5,13 @@ coefficient; a second, in-place pass clips, and skips itself on the device when 
 """
 
 from gradstats._build import BuildError
+from gradstats._core import GradStats
 from gradstats._version import __version__
 from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradstats.monitor import Finding, GradMonitor, MonitorHistory
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
-from gradstats.stats import GradStats, count_nonfinite, grad_stats
+from gradstats.stats import count_nonfinite, grad_stats
 
 __all__ = [
     "BUILD_INFO",

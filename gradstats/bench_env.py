@@ -175,7 +175,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def versions() -> dict[str, Any]:
-    built = ops._C.build_info()
+    built = gradstats.BUILD_INFO
     return {
         "gradstats": gradstats.__version__,
         "python": platform.python_version(),
@@ -183,7 +183,7 @@ def versions() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "built_for_torch": built["torch"],
         "built_for_cuda": built["cuda"] or None,
-        "cuda_kernels": bool(built["with_cuda"]),
+        "cuda_kernels": bool(built["cuda"]),
         "cpu_isa": built["cpu_isa"],
     }
 

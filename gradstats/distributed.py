@@ -52,7 +52,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradstats.stats import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats, compute_local
+from gradstats._core import (
+    INF_ROW,
+    NAN_ROW,
+    NONFINITE_ROW,
+    GradStats,
+    clip_coef,
+    distributed_active,
+    local_stats,
+    local_tensors,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -70,23 +79,11 @@ _SENT_ROWS = slice(NAN_ROW, INF_ROW + 1)
 _NUM_SENT = INF_ROW + 1 - NAN_ROW
 
 
-def is_active() -> bool:
-    """Whether torch.distributed is initialised (no DTensor or process group exists before)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """The local shard of each DTensor, other tensors as they are: what clipping scales in place."""
-    if not is_active():
-        return tensors
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
-
 def check_process_group(process_group: ProcessGroup | None) -> None:
     """Raises when process_group is given but cannot be used by this rank."""
     if process_group is None:
         return
-    if not is_active():
+    if not distributed_active():
         raise RuntimeError(
             "gradstats: process_group was given but torch.distributed is not initialized; call "
             "torch.distributed.init_process_group first"
@@ -126,24 +123,28 @@ class _Local:
     finite_norms: Tensor  # float64 per tensor, NaN as 0
 
 
-def global_stats(
+def statistics(
     tensors: Sequence[Tensor],
     norm_type: float,
     max_norm: float,
     on_nonfinite: str,
-    process_group: ProcessGroup | None,
-    per_tensor: bool,
+    process_group: ProcessGroup | None = None,
+    per_tensor: bool = True,
 ) -> GradStats:
-    """The statistics of the whole gradients that these tensors (DTensors, or plain parts over
-    process_group) are this rank's share of, identical on every rank. See the module docstring.
+    """The statistics of the whole gradients that these tensors are this rank's share of,
+    identical on every rank: global over the ranks for DTensors and with a process_group (see the
+    module docstring), this process's own otherwise (_core.local_stats). on_nonfinite is a kernel
+    policy (propagate, skip, zero); per_tensor=False may leave the per-tensor norms out.
 
     The norms come back in the dtype of the local gradients (float32 on a rank without any).
     """
+    if process_group is None and not distributed_active():
+        return local_stats(tensors, norm_type, max_norm, on_nonfinite)
     check_process_group(process_group)
     items = list(tensors)
-    meshes = _meshes(items) if is_active() else []
+    meshes = _meshes(items) if distributed_active() else []
     if not meshes and process_group is None:
-        return compute_local(items, norm_type, max_norm, on_nonfinite)
+        return local_stats(items, norm_type, max_norm, on_nonfinite)
     if process_group is not None:
         _check_disjoint(process_group, meshes)
     items = [_summed(t) for t in items]
@@ -186,10 +187,8 @@ def global_stats(
         total = _as_reported(total, counts[:, -1])
         norms = _as_reported(norms, counts[:, :-1])
     total_norm = total.to(local.norms.dtype)
-    # The kernels' formula (csrc/stats.h clip_coefficient), in the norm's dtype.
-    coef = torch.clamp(torch.reciprocal(total_norm + CLIP_EPS) * max_norm, max=1.0)
-    if on_nonfinite == "skip":
-        coef = torch.where(counts[NONFINITE_ROW, -1] > 0, torch.ones_like(coef), coef)
+    skip = counts[NONFINITE_ROW, -1] > 0 if on_nonfinite == "skip" else None
+    coef = clip_coef(total_norm, max_norm, skip)
     return GradStats(total_norm, coef, norms if per_tensor else None, counts, norm_type)
 
 
@@ -197,7 +196,7 @@ def _local_stats(
     shards: list[Tensor], norm_type: float, on_nonfinite: str, process_group: ProcessGroup | None
 ) -> _Local:
     if shards:
-        st = compute_local(shards, norm_type, math.inf, on_nonfinite)
+        st = local_stats(shards, norm_type, math.inf, on_nonfinite)
         norms, counts, total = st.norms, st.counts, st.total_norm
     else:
         device = _group_device(process_group)

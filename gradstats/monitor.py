@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from gradstats import ops
-from gradstats.stats import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats, compute
+from gradstats._core import CLIP_EPS, INF_ROW, NAN_ROW, NONFINITE_ROW, GradStats
+from gradstats.distributed import statistics
 
 CAUSES = (
     "exploding_gradients",
@@ -383,7 +384,7 @@ class GradMonitor:
                     "loss.backward() and before optimizer.zero_grad()"
                 )
             grads = [p.grad.detach() for p in with_grad]
-            return with_grad, compute(grads, self.norm_type, math.inf, "zero")
+            return with_grad, statistics(grads, self.norm_type, math.inf, "zero")
         if not isinstance(stats, GradStats):
             raise TypeError(f"GradMonitor.step(): stats must be a GradStats; got {type(stats)}")
         if stats.norms is None:
@@ -516,7 +517,7 @@ class GradMonitor:
             if all(t.device == device for t in tensors):
                 _, _, norms, counts = ops.stats(tensors, math.inf, math.inf, "zero")
             else:
-                st = compute(tensors, math.inf, math.inf, "zero")
+                st = statistics(tensors, math.inf, math.inf, "zero")
                 norms, counts = st.norms, st.counts
             self._set_device()
             index = self._site_columns(names, is_input)

@@ -89,7 +89,7 @@ def _real_dtype(t: Tensor) -> torch.dtype:
 
 
 def _check_tensors(tensors, op: str) -> None:
-    """The fakes' share of the native argument checks (csrc/common.cpp), with the same messages."""
+    """The fakes' share of the native argument checks (csrc/checks.cpp), with the same messages."""
     torch._check(len(tensors) > 0, lambda: f"gradstats.{op}: got an empty list of tensors")
     for i, t in enumerate(tensors):
         torch._check(

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from gradstats.reference import reference_stats
+from reference import reference_stats
 
 # Every device test runs on the CPU and, marked "gpu", on CUDA (skipped at run time without one).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

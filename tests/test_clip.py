@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 from helpers import CLIP_RTOL, DEVICES, DTYPES, TORCH_NORM_RTOL, assert_close_rel
+from reference import reference_clipped, reference_stats
 
 import gradstats
 from gradstats import ops
-from gradstats.reference import reference_clipped, reference_stats
 
 HAS_GET_TOTAL_NORM = hasattr(torch.nn.utils, "get_total_norm")
 

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import NORM_RTOL, assert_close_rel
+from reference import reference_clipped, reference_stats
 from torch import Tensor, nn
 
 import gradstats
-from gradstats.reference import reference_clipped, reference_stats
 
 if not dist.is_available():
     pytest.skip("torch was built without torch.distributed", allow_module_level=True)

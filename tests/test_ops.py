@@ -60,9 +60,8 @@ def test_every_op_has_a_cpu_kernel_and_a_cuda_kernel_when_built_with_cuda():
 
 
 def test_build_info_matches_the_installed_torch():
-    info = gradstats._C.build_info()
-    assert info["torch"] == torch.__version__ == gradstats.BUILD_INFO["torch"]
-    assert info["with_cuda"] == bool(gradstats.BUILD_INFO["cuda"])
+    assert gradstats.BUILD_INFO["torch"] == torch.__version__
+    assert gradstats.BUILD_INFO["cpu_isa"] in ("avx2", "default")
 
 
 def test_import_refuses_a_build_made_for_another_torch(tmp_path, monkeypatch):

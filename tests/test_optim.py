@@ -703,7 +703,7 @@ def drive(clip: gradstats.AdaptiveClip, norms: list[float], device: str = "cpu")
     for norm in norms:
         p.grad = direction * norm
         opt.step()
-        thresholds.append(float(opt._last_threshold))
+        thresholds.append(float(opt.last_threshold))
         applied.append(float(p.grad.norm()))
     return opt, thresholds, applied
 
@@ -904,7 +904,9 @@ def test_bad_arguments():
         gradstats.ClipGradOptimizer(inner, -1.0)
     with pytest.raises(ValueError, match="norm_type must be > 0"):
         gradstats.ClipGradOptimizer(inner, MAX_NORM, norm_type=0)
-    with pytest.raises(ValueError, match="max_consecutive_nonfinite must be None or an int >= 1"):
+    with pytest.raises(
+        ValueError, match="max_consecutive_nonfinite must be None or an integer >= 1"
+    ):
         gradstats.ClipGradOptimizer(inner, MAX_NORM, max_consecutive_nonfinite=0)
     with pytest.raises(TypeError, match="monitor must have a step"):
         gradstats.ClipGradOptimizer(inner, MAX_NORM, monitor=object())
@@ -917,8 +919,8 @@ def test_bad_arguments():
         ({"z_threshold": 0.0}, "z_threshold must be > 0"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
         ({"percentile": 101.0}, r"percentile must be in \[0, 100\]"),
-        ({"history": 0}, "history must be an int >= 1"),
-        ({"warmup_steps": 0}, "warmup_steps must be an int >= 1"),
+        ({"history": 0}, "history must be an integer >= 1"),
+        ({"warmup_steps": 0}, "warmup_steps must be an integer >= 1"),
         ({"max_norm": math.nan}, "max_norm must be a non-negative number"),
     ],
 )

@@ -6,7 +6,7 @@ Each tests/cpp program is compiled with the system C++ compiler and run:
   than one launch, mixed dtypes, misaligned pointers, strided layouts;
 - test_walkers.cpp: the kernels' chunk walks (csrc/cuda/device.cuh) visit every element once;
 - test_kernels.cpp: the stats and scale kernels themselves (csrc/cuda/kernels.cuh) on the host
-  (tests/cpp/host_cuda.h: fibers for threads), against stats.h's exact statistics, and bitwise
+  (tests/cpp/host_cuda.h: fibers for threads), against partial.h's exact statistics, and bitwise
   the same for any grid and any split into launches.
 The last two need torch's and the CUDA toolkit's headers (not a GPU). They check the kernels'
 logic, not how a GPU runs them.

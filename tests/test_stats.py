@@ -9,10 +9,10 @@ import torch
 from helpers import DEVICES, DTYPES, NORM_RTOL, assert_close_rel, assert_stats_match_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import reference_stats
 
 import gradstats
 from gradstats import ops
-from gradstats.reference import reference_stats
 
 NORM_TYPES = [1.0, 2.0, math.inf, 3.0, 0.5]
 # Larger than one CPU piece (2^16 elements) and not a multiple of any vector width.

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::cpu {
 
@@ -154,7 +154,7 @@ double fast_row_sum(const T* p, int64_t n) {
 
 // Sum of |x|^p (max |x| for inf) over a contiguous row, for p = 1, 2 or inf, with no masking: the
 // result is NaN or Inf exactly when some element is non-finite or a float lane overflowed, and then
-// the caller recomputes the row exactly (stats.h: exact_partial). Float lanes can also lose terms
+// the caller recomputes the row exactly (partial.h: exact_partial). Float lanes can also lose terms
 // to underflow; the caller checks for that too (kUnderflowGuard).
 template <typename T>
 double fast_row_sum(const T* p, int64_t n, NormKind kind) {

@@ -10,17 +10,14 @@
 #include <algorithm>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
 #include "cpu/simd.h"
 #include "layout.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::cpu {
 namespace {
 
-// Elements per piece: large enough to amortise the per-piece work, small enough to balance
-// two to a few dozen threads on one model's gradients.
-constexpr int64_t kChunkElems = int64_t{1} << 16;
 // Below this many elements in a call, waking threads costs more than it saves.
 constexpr int64_t kSerialBelowElems = int64_t{1} << 15;
 

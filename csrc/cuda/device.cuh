@@ -10,7 +10,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/planner.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::gpu {
 

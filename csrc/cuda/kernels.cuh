@@ -2,10 +2,10 @@
 // code only, in a header so that tests/cpp/test_kernels.cpp can also run it on the host.
 //
 // stats: a persistent grid walks the launch's chunk list; each block reduces a chunk to a Partial
-// (stats.h) in its slot of a workspace; the last block to finish (a counter after a fence) combines
-// each tensor's chunk partials and, in the call's last launch, all tensors' partials, in a fixed
-// order, and writes norms, counts, total norm and clip coefficient. No floating-point atomics: the
-// same inputs give bitwise the same outputs, however the list is split into launches.
+// (partial.h) in its slot of a workspace; the last block to finish (a counter after a fence)
+// combines each tensor's chunk partials and, in the call's last launch, all tensors' partials, in a
+// fixed order, and writes norms, counts, total norm and clip coefficient. No floating-point
+// atomics: the same inputs give bitwise the same outputs, however the list is split into launches.
 //
 // scale_: reads the coefficient on the device; when it is >= 1 and nothing is to be zeroed, every
 // block returns before touching a tensor.
@@ -15,7 +15,7 @@
 
 #include "cuda/device.cuh"
 #include "cuda/launch.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::gpu {
 namespace {
@@ -140,7 +140,7 @@ __device__ __noinline__ double fast_sum(ChunkView<T> view, FastSum* scratch) {
   return r.sum;
 }
 
-// Exact statistics of a chunk (stats.h: exact_partial): every NaN and Inf counted, overflow
+// Exact statistics of a chunk (partial.h: exact_partial): every NaN and Inf counted, overflow
 // rescaled. Each thread takes every kThreads-th element, so that the loads coalesce.
 template <typename T>
 __device__ __noinline__ Partial exact_chunk(ChunkView<T> view, NormSpec spec, Partial* scratch) {

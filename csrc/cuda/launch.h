@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "cuda/planner.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::gpu {
 

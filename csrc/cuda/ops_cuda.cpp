@@ -1,4 +1,4 @@
-// Host side of the CUDA ops: the same argument checks and outputs as the CPU kernels (common.h),
+// Host side of the CUDA ops: the same argument checks and outputs as the CPU kernels (checks.h),
 // planning (planner.h), the workspace, and the launches on the current stream. Nothing here waits
 // for the device or reads device memory: the coefficient and the counts stay on the GPU, and the
 // launch metadata travels in kernel parameters, so the ops can be captured in a CUDA graph.
@@ -18,7 +18,7 @@
 #include <memory>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
 #include "cuda/launch.h"
 #include "cuda/planner.h"
 

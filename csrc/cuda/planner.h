@@ -10,15 +10,9 @@
 #include <vector>
 
 #include "layout.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats::gpu {
-
-// Elements per chunk: a block reads a chunk and writes one Partial for it. 2^16 elements are
-// 128-512 KiB, enough to amortise the per-chunk reduction, while a model's gradients still give
-// the persistent grid thousands of chunks to balance. A multiple of every pack width, so all chunks
-// of a tensor share its 16-byte alignment.
-constexpr int64_t kChunkElems = int64_t{1} << 16;
 
 // Width of one vectorised load or store: the widest single global memory access.
 constexpr int kVectorBytes = 16;
@@ -32,7 +26,7 @@ constexpr int kArgsParamBytes = 256;
 // Chunks per launch are kept below this, so that a chunk index plus the grid size fits an int32.
 constexpr int64_t kMaxLaunchChunks = int64_t{1} << 30;
 
-// What the planner needs to know about a tensor (already validated by common.h).
+// What the planner needs to know about a tensor (already validated by checks.h).
 struct TensorDesc {
   uint64_t address;  // of its first element (walk order starts there, layout.h)
   int32_t itemsize;

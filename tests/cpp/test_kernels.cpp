@@ -1,6 +1,6 @@
 // The CUDA kernels themselves (csrc/cuda/kernels.cuh), run on the host (host_cuda.h: a block's
 // threads are std::threads, the blocks run one after another), fed by the real planner. Checks,
-// against stats.h's exact_partial over each tensor in walk order: counts exactly, norms, total
+// against partial.h's exact_partial over each tensor in walk order: counts exactly, norms, total
 // and clip coefficient within 1e-6, for every dtype, misaligned and strided tensors, empty ones,
 // NaN/Inf chunks (the exact path), overflowing squares, tiny values (the double re-run), every
 // norm kind and policy; that the outputs are bitwise the same for any grid size and however the

@@ -1,4 +1,4 @@
-#include "common.h"
+#include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>

@@ -28,15 +28,28 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradstats.clip import apply_clip, check_on_nonfinite, nonfinite_report
-from gradstats.distributed import check_process_group, local_tensors
-from gradstats.stats import CLIP_EPS, GradStats, check_max_norm, check_norm_type, compute
+from gradstats._core import (
+    GradStats,
+    apply_clip,
+    check_int,
+    check_max_norm,
+    check_norm_type,
+    check_on_nonfinite,
+    clip_coef,
+    group_by_device_and_dtype,
+    kernel_policy,
+    local_tensors,
+    nonfinite_report,
+)
+from gradstats.distributed import check_process_group, statistics
+from gradstats.optim.adaptive import AdaptiveClip
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -44,168 +57,25 @@ if TYPE_CHECKING:
 # The one top-level key that ClipGradOptimizer.state_dict() adds to the wrapped optimizer's.
 STATE_KEY = "gradstats_clip"
 
-ADAPTIVE_MODES = ("zscore", "percentile")
-_PERCENT = 100.0
+
+@dataclass(frozen=True)
+class _Mode:
+    """How one step runs, decided before anything changes."""
+
+    policy: str  # on_nonfinite, or "skip" under a GradScaler (its overflow means skip)
+    fused: bool  # the inner optimizer reads grad_scale / found_inf (fused Adam, AdamW, SGD...)
+    loss_scale: Tensor | None  # GradScaler's scale still in the gradients
+    scaler_found: Tensor | None  # GradScaler's overflow flag
+
+    @property
+    def skips(self) -> bool:
+        return self.policy == "skip"
 
 
 class StepMonitor(Protocol):
     """What `monitor=` must provide (gradstats.GradMonitor does)."""
 
     def step(self, *, stats: GradStats, params: list[Tensor], skipped: Tensor) -> object: ...
-
-
-class AdaptiveClip:
-    """A clip threshold that follows the recent gradient norms, kept on the device.
-
-    mode="zscore" (the ZClip idea, Kumar et al. 2025): running mean and variance of the total norm,
-    exact averages during the first `warmup_steps` steps and then exponential moving averages with
-    weight 1 - `ema_decay`; the threshold is mean + `z_threshold` * std. The statistics are updated
-    with the clipped norm, so a spike does not raise the threshold that follows it.
-
-    mode="percentile" (the AutoClip idea, Seetharaman et al. 2020): the threshold is the
-    `percentile`-th percentile (linear interpolation) of the last `history` total norms, kept in a
-    ring buffer on the device.
-
-    Both: until `warmup_steps` finite steps have been seen the threshold is `max_norm`, which also
-    caps it afterwards (default: no cap). Steps with NaN/Inf gradients leave the statistics
-    unchanged. The threshold of a step comes from the norms before it. Updates are device ops only
-    (no host sync); the state is saved in ClipGradOptimizer.state_dict(). Give each
-    ClipGradOptimizer its own AdaptiveClip.
-    """
-
-    def __init__(
-        self,
-        mode: str = "zscore",
-        *,
-        z_threshold: float = 2.5,
-        ema_decay: float = 0.97,
-        percentile: float = 95.0,
-        history: int = 1000,
-        warmup_steps: int = 25,
-        max_norm: float = math.inf,
-    ) -> None:
-        if mode not in ADAPTIVE_MODES:
-            raise ValueError(f"AdaptiveClip: mode must be one of {ADAPTIVE_MODES}; got {mode!r}")
-        if not z_threshold > 0:
-            raise ValueError(f"AdaptiveClip: z_threshold must be > 0; got {z_threshold!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"AdaptiveClip: ema_decay must be in [0, 1); got {ema_decay!r}")
-        if not 0.0 <= percentile <= _PERCENT:
-            raise ValueError(f"AdaptiveClip: percentile must be in [0, 100]; got {percentile!r}")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"AdaptiveClip: history must be an int >= 1; got {history!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(
-                f"AdaptiveClip: warmup_steps must be an int >= 1; got {warmup_steps!r}"
-            )
-        self.mode = mode
-        self.z_threshold = float(z_threshold)
-        self.ema_decay = float(ema_decay)
-        self.percentile = float(percentile)
-        self.history = history
-        self.warmup_steps = warmup_steps
-        self.max_norm = check_max_norm(max_norm)
-        self._state = self._initial_state()
-
-    def __repr__(self) -> str:
-        if self.mode == "zscore":
-            detail = f"z_threshold={self.z_threshold}, ema_decay={self.ema_decay}"
-        else:
-            detail = f"percentile={self.percentile}, history={self.history}"
-        return (
-            f"AdaptiveClip(mode={self.mode!r}, {detail}, warmup_steps={self.warmup_steps}, "
-            f"max_norm={self.max_norm})"
-        )
-
-    def _initial_state(self) -> dict[str, Tensor]:
-        state = {"count": torch.zeros((), dtype=torch.int64)}
-        if self.mode == "zscore":
-            state["mean"] = torch.zeros((), dtype=torch.float32)
-            state["var"] = torch.zeros((), dtype=torch.float32)
-        else:
-            # NaN marks an empty slot: nanquantile ignores it, so no host-side fill count is needed.
-            state["norms"] = torch.full((self.history,), math.nan, dtype=torch.float32)
-        return state
-
-    def _to(self, device: torch.device) -> None:
-        if self._state["count"].device != device:
-            self._state = {k: v.to(device) for k, v in self._state.items()}
-
-    @property
-    def steps_seen(self) -> Tensor:
-        """Number of finite steps the statistics hold (0-dim int64, on the device)."""
-        return self._state["count"]
-
-    def threshold(self, device: torch.device) -> Tensor:
-        """The clip threshold for the next step (0-dim float32 on `device`); no sync."""
-        self._to(device)
-        s = self._state
-        if self.mode == "zscore":
-            adaptive = s["mean"] + self.z_threshold * torch.sqrt(s["var"])
-        else:
-            adaptive = torch.nanquantile(s["norms"], self.percentile / _PERCENT)
-        uncapped = torch.where(
-            s["count"] >= self.warmup_steps, adaptive, torch.full_like(adaptive, math.inf)
-        )
-        return torch.clamp(uncapped, max=self.max_norm)
-
-    def update(self, total_norm: Tensor, nonfinite: Tensor, threshold: Tensor) -> None:
-        """Folds this step's total norm in, unless `nonfinite` (a 0-dim bool) is set; no sync."""
-        s = self._state
-        keep = nonfinite | ~torch.isfinite(total_norm)
-        norm = total_norm.to(torch.float32)
-        if self.mode == "zscore":
-            norm = torch.minimum(norm, threshold.to(torch.float32))
-            # Weight 1/n is the exact running mean and (population) variance; 1 - decay is the EMA.
-            weight = torch.clamp(
-                torch.reciprocal((s["count"] + 1).to(torch.float32)), min=1.0 - self.ema_decay
-            )
-            delta = norm - s["mean"]
-            mean = s["mean"] + weight * delta
-            var = (1.0 - weight) * (s["var"] + weight * delta * delta)
-            s["mean"].copy_(torch.where(keep, s["mean"], mean))
-            s["var"].copy_(torch.where(keep, s["var"], var))
-        else:
-            slot = torch.remainder(s["count"], self.history).reshape(1)
-            old = s["norms"].gather(0, slot)
-            s["norms"].scatter_(0, slot, torch.where(keep, old, norm.reshape(1)))
-        s["count"].add_((~keep).to(torch.int64))
-
-    def state_dict(self) -> dict[str, Any]:
-        config = {"mode": self.mode, "history": self.history, "warmup_steps": self.warmup_steps}
-        return {**config, **{k: v.detach().clone() for k, v in self._state.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = self._parse_state(state_dict)
-
-    def reset(self) -> None:
-        """Forgets the statistics: the next steps warm up again."""
-        self._state = self._initial_state()
-
-    def _parse_state(self, state_dict: dict[str, Any]) -> dict[str, Tensor]:
-        """The state `state_dict` describes, checked against this AdaptiveClip; raises, changing
-        nothing, when it does not fit."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"AdaptiveClip state must be a dict; got {type(state_dict).__name__}")
-        if state_dict.get("mode") != self.mode:
-            raise ValueError(
-                f"AdaptiveClip: the checkpoint holds mode={state_dict.get('mode')!r} state, this "
-                f"AdaptiveClip has mode={self.mode!r}"
-            )
-        expected = self._initial_state()
-        missing = sorted(set(expected) - set(state_dict))
-        if missing:
-            raise ValueError(f"AdaptiveClip: the checkpoint state lacks {missing}")
-        state = {}
-        for key, like in expected.items():
-            value = torch.as_tensor(state_dict[key]).detach()
-            if value.shape != like.shape:
-                raise ValueError(
-                    f"AdaptiveClip: checkpoint {key!r} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(like.shape)} (history={self.history})"
-                )
-            state[key] = value.to(dtype=like.dtype, copy=True)
-        return state
 
 
 @torch.compiler.disable
@@ -289,15 +159,7 @@ class ClipGradOptimizer(Optimizer):
         else:
             self.adaptive = None
             self._max_norm = check_max_norm(max_norm)
-        if max_consecutive_nonfinite is not None and (
-            isinstance(max_consecutive_nonfinite, bool)
-            or not isinstance(max_consecutive_nonfinite, int)
-            or max_consecutive_nonfinite < 1
-        ):
-            raise ValueError(
-                "max_consecutive_nonfinite must be None or an int >= 1; got "
-                f"{max_consecutive_nonfinite!r}"
-            )
+        check_int("max_consecutive_nonfinite", max_consecutive_nonfinite, 1, optional=True)
         if monitor is not None and not callable(getattr(monitor, "step", None)):
             raise TypeError(
                 "monitor must have a step(stats=..., params=...) method; got "
@@ -311,12 +173,16 @@ class ClipGradOptimizer(Optimizer):
         self.monitor = monitor
         check_process_group(process_group)
         self.process_group = process_group
-        self.last_stats: GradStats | None = None
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._consecutive = torch.zeros((), dtype=torch.int64)
-        self._last_skipped = torch.zeros((), dtype=torch.bool)
-        self._last_threshold: Tensor | float = self._max_norm
-        self._last_params: list[Tensor] = []
+        # The last step's record for logging. A dict, updated in place: torch.compile (2.11) cannot
+        # trace attribute assignments on the optimizer inside a compiled step.
+        self._last: dict[str, Any] = {
+            "stats": None,
+            "skipped": torch.zeros((), dtype=torch.bool),
+            "threshold": self._max_norm,
+            "params": [],
+        }
         # False until the inner (fused) optimizer has taken a step: see the module docstring.
         self._fused_ready = False
         # Optimizer.__init__ is not called (it would re-add the inner optimizer's groups); these
@@ -353,6 +219,17 @@ class ClipGradOptimizer(Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
+
+    @property
+    def last_stats(self) -> GradStats | None:
+        """The GradStats of the last step (norms of the unscaled gradients; clip_coef is the
+        coefficient applied), or None before the first step."""
+        return self._last["stats"]
+
+    @property
+    def last_threshold(self) -> Tensor | float:
+        """The clip threshold of the last step: max_norm, or AdaptiveClip's (a 0-dim tensor)."""
+        return self._last["threshold"]
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -414,27 +291,32 @@ class ClipGradOptimizer(Optimizer):
             self._skipped = self._skipped.to(device)
             self._consecutive = self._consecutive.to(device)
 
-    def _effective_stats(
-        self, st: GradStats, loss_scale: Tensor | None, policy: str
-    ) -> tuple[GradStats, Tensor | float]:
+    def _mode(self) -> _Mode:
+        # GradScaler.step sets grad_scale (the loss scale still in the gradients; None once
+        # unscale_ was called) and found_inf (its overflow flag) on the optimizer it steps.
+        scaler_found = getattr(self, "found_inf", None)
+        return _Mode(
+            policy="skip" if scaler_found is not None else self.on_nonfinite,
+            fused=bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)),
+            loss_scale=getattr(self, "grad_scale", None),
+            scaler_found=scaler_found if isinstance(scaler_found, Tensor) else None,
+        )
+
+    def _effective_stats(self, st: GradStats, mode: _Mode) -> tuple[GradStats, Tensor | float]:
         """The statistics of the unscaled gradients with the coefficient this step applies, and
         the threshold it was computed from."""
-        if loss_scale is None and self.adaptive is None:
+        if mode.loss_scale is None and self.adaptive is None:
             return st, self._max_norm
         total, norms = st.total_norm, st.norms
-        if loss_scale is not None:
-            scale = loss_scale.to(device=total.device, dtype=total.dtype)
+        if mode.loss_scale is not None:
+            scale = mode.loss_scale.to(device=total.device, dtype=total.dtype)
             total = total / scale
             norms = norms / scale
-        if self.adaptive is not None:
-            threshold: Tensor | float = self.adaptive.threshold(total.device)
-            limit = threshold.to(total.dtype)
-        else:
-            threshold = limit = self._max_norm
-        # The kernel's formula (csrc/stats.h clip_coefficient), on the device.
-        coef = torch.clamp(torch.reciprocal(total + CLIP_EPS) * limit, max=1.0)
-        if policy == "skip":
-            coef = torch.where(st.nonfinite_count > 0, torch.ones_like(coef), coef)
+        threshold = (
+            self._max_norm if self.adaptive is None else self.adaptive.threshold(total.device)
+        )
+        skip = st.nonfinite_count > 0 if mode.skips else None
+        coef = clip_coef(total, threshold, skip)
         return GradStats(total, coef, norms, st.counts, st.norm_type), threshold
 
     def _clip_and_step(self) -> None:
@@ -443,59 +325,55 @@ class ClipGradOptimizer(Optimizer):
         if not params and self.process_group is None:
             self.optimizer.step()
             return
-        grads = [p.grad for p in params]
-        # Set by GradScaler.step: the loss scale still in the gradients (None once unscale_ was
-        # called) and its overflow flag.
-        loss_scale: Tensor | None = getattr(self, "grad_scale", None)
-        scaler_found = getattr(self, "found_inf", None)
-        scaled = scaler_found is not None
-        policy = "skip" if scaled else self.on_nonfinite
-        skips = policy == "skip"
-        fused = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-
-        max_norm = self._max_norm if loss_scale is None else math.inf
-        kernel_policy = "propagate" if policy == "error" else policy
-        raw = compute(grads, self.norm_type, max_norm, kernel_policy, self.process_group)
-        grads = local_tensors(grads)
-        device = raw.total_norm.device
-        self._to_device(device)
-        stats, threshold = self._effective_stats(raw, loss_scale, policy)
+        mode = self._mode()
+        # With a loss scale in the gradients the coefficient is computed after unscaling.
+        max_norm = self._max_norm if mode.loss_scale is None else math.inf
+        raw = statistics(
+            [p.grad for p in params],
+            self.norm_type,
+            max_norm,
+            kernel_policy(mode.policy),
+            self.process_group,
+        )
+        self._to_device(raw.total_norm.device)
+        stats, threshold = self._effective_stats(raw, mode)
         found = stats.nonfinite_count > 0
-        if isinstance(scaler_found, Tensor):
-            found = found | (scaler_found.to(device) > 0)
+        if mode.scaler_found is not None:
+            found = found | (mode.scaler_found.to(found.device) > 0)
         consecutive = torch.where(found, self._consecutive + 1, torch.zeros_like(self._consecutive))
-
-        skipped = found & skips
+        skipped = found & mode.skips
         if self.monitor is not None:
             self.monitor.step(stats=stats, params=params, skipped=skipped)
 
-        needs_host = (
-            policy == "error"
-            or self.max_consecutive_nonfinite is not None
-            or (skips and not (fused and self._fused_ready))
-        )
+        # The host learns whether anything was non-finite only where it must (see the module
+        # docstring); otherwise the fused kernel or the in-place scale decide on the device.
         found_on_host: bool | None = None
-        if needs_host:
+        if self._needs_host(mode):
             flag, run = torch.stack([found.to(torch.int64), consecutive]).tolist()
             found_on_host = bool(flag)
-            self._raise_if_needed(found_on_host, run, stats, params, policy)
+            self._raise_if_needed(found_on_host, run, stats, params, mode.policy)
 
         self._skipped.add_(skipped.to(torch.int64))
         self._consecutive.copy_(consecutive)
         if self.adaptive is not None:
             self.adaptive.update(stats.total_norm, found, threshold)
-        self.last_stats = stats
-        self._last_skipped = skipped
-        self._last_threshold = threshold
-        self._last_params = params
+        self._last.update(stats=stats, skipped=skipped, threshold=threshold, params=params)
 
-        if skips and found_on_host:
+        if mode.skips and found_on_host:
             return
-        if fused:
-            device_decides = skips and found_on_host is None
-            self._fused_step(grads, stats, loss_scale, found if device_decides else None, policy)
+        grads = local_tensors([p.grad for p in params])
+        if mode.fused:
+            self._fused_step(grads, stats, mode, found if found_on_host is None else None)
         else:
-            self._inplace_step(grads, stats, loss_scale, policy)
+            self._inplace_step(grads, stats, mode)
+
+    def _needs_host(self, mode: _Mode) -> bool:
+        device_can_skip = mode.fused and self._fused_ready
+        return (
+            mode.policy == "error"
+            or self.max_consecutive_nonfinite is not None
+            or (mode.skips and not device_can_skip)
+        )
 
     def _raise_if_needed(
         self, found: bool, run: int, stats: GradStats, params: list[Tensor], policy: str
@@ -523,41 +401,33 @@ class ClipGradOptimizer(Optimizer):
         )
 
     def _fused_step(
-        self,
-        grads: list[Tensor],
-        stats: GradStats,
-        loss_scale: Tensor | None,
-        found: Tensor | None,
-        policy: str,
+        self, grads: list[Tensor], stats: GradStats, mode: _Mode, found: Tensor | None
     ) -> None:
         """Hands the clip (and the loss scale) to the fused kernel, which divides the gradients by
-        grad_scale and returns early where found_inf is 1."""
+        grad_scale and returns early where found_inf is 1 (found: None when the host has decided
+        already that the step is taken)."""
         coef = stats.clip_coef.to(torch.float32)
-        if policy == "zero":
+        if mode.policy == "zero":
             apply_clip(grads, torch.ones_like(coef), stats.nonfinite)
-        if loss_scale is None:
+        if mode.loss_scale is None:
             grad_scale = torch.reciprocal(coef)
         else:
-            grad_scale = loss_scale.to(coef.device, torch.float32) / coef
-        _step_with_grad_scale(
-            self.optimizer, grad_scale, None if found is None else found.to(torch.float32)
-        )
-        if found is None:
+            grad_scale = mode.loss_scale.to(coef.device, torch.float32) / coef
+        skip_flag = None if found is None or not mode.skips else found.to(torch.float32)
+        _step_with_grad_scale(self.optimizer, grad_scale, skip_flag)
+        if skip_flag is None:
             self._fused_ready = True
 
-    def _inplace_step(
-        self, grads: list[Tensor], stats: GradStats, loss_scale: Tensor | None, policy: str
-    ) -> None:
-        if loss_scale is None:
-            apply_clip(grads, stats.clip_coef, stats.nonfinite if policy == "zero" else None)
+    def _inplace_step(self, grads: list[Tensor], stats: GradStats, mode: _Mode) -> None:
+        if mode.loss_scale is None:
+            zero = stats.nonfinite if mode.policy == "zero" else None
+            apply_clip(grads, stats.clip_coef, zero)
         else:
             # Unscaling must multiply even when the factor is >= 1, which the fused scale skips.
-            factor = stats.clip_coef / loss_scale.to(stats.clip_coef.device, stats.clip_coef.dtype)
-            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for g in grads:
-                groups.setdefault((g.device, g.dtype), []).append(g)
-            for (dev, _), group in groups.items():
-                torch._foreach_mul_(group, factor.to(dev))
+            coef = stats.clip_coef
+            factor = coef / mode.loss_scale.to(coef.device, coef.dtype)
+            for group in group_by_device_and_dtype(grads):
+                torch._foreach_mul_(group, factor.to(group[0].device))
         self.optimizer.step()
 
     def stats_dict(self) -> dict[str, Any]:
@@ -569,8 +439,9 @@ class ClipGradOptimizer(Optimizer):
         """
         device = self._skipped.device
         # float64 holds every counter and the threshold exactly: one copy to the host for them all.
-        values = [self._skipped, self._consecutive, self._last_skipped]
-        values.append(torch.as_tensor(self._last_threshold, device=device))
+        last = self._last
+        values = [self._skipped, self._consecutive, last["skipped"]]
+        values.append(torch.as_tensor(last["threshold"], device=device))
         skipped_steps, run, skipped, threshold = torch.stack(
             [v.to(device, torch.float64) for v in values]
         ).tolist()
@@ -578,9 +449,9 @@ class ClipGradOptimizer(Optimizer):
             "skipped_steps": int(skipped_steps),
             "consecutive_nonfinite": int(run),
         }
-        if self.last_stats is None:
+        if last["stats"] is None:
             return out
-        logged = self.last_stats.to_dict(self._param_names(self._last_params))
+        logged = last["stats"].to_dict(self._param_names(last["params"]))
         return {**logged, "max_norm": threshold, "skipped": bool(skipped), **out}
 
     def _wrapper_state(self) -> dict[str, Any]:

@@ -1,28 +1,13 @@
-// The one place that declares the gradstats ops (their schemas), and the pybind11 module
-// gradstats._C that loads them, reports how it was built and does the per-tensor bookkeeping that
-// costs ~100 ns a tensor in Python. Kernels live in cpu/ and cuda/.
+// The pybind11 module gradstats._C. Importing it loads the library, which registers the ops
+// (ops.cpp) and their kernels; the functions here do the per-tensor bookkeeping that costs
+// ~100 ns a tensor in Python. How the library was built is recorded once, in _build_info.json.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <string>
 #include <vector>
 
 namespace py = pybind11;
-
-TORCH_LIBRARY(gradstats, m) {
-  // One pass over every tensor (all of one device, any mix of floating dtypes): per-tensor norms
-  // and NaN/Inf counts, the total norm and the clip coefficient min(1, max_norm / (total + 1e-6)).
-  // counts is int64 [3, n + 1]: rows NaN, Inf, NaN + Inf; column n holds the totals.
-  // on_nonfinite: "propagate" | "skip" | "zero" (see csrc/stats.h, Nonfinite).
-  m.def(
-      "stats(Tensor[] tensors, float norm_type, float max_norm, str on_nonfinite) -> "
-      "(Tensor total_norm, Tensor clip_coef, Tensor norms, Tensor counts)");
-  // tensors *= coef in place, coef read on the device; nothing is read or written when coef >= 1.
-  // With zero_nonfinite (per-tensor non-finite counts), the NaN/Inf elements of the tensors whose
-  // count is positive are set to 0.
-  m.def("scale_(Tensor(a!)[] tensors, Tensor coef, Tensor? zero_nonfinite=None) -> ()");
-}
 
 namespace {
 
@@ -90,19 +75,7 @@ std::vector<std::vector<int64_t>> device_groups(const py::list& tensors) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gradstats native ops (registered as torch.ops.gradstats) and build information";
-  m.def("build_info", [] {
-    py::dict info;
-    info["torch"] = GRADSTATS_TORCH_VERSION;
-    info["cuda"] = GRADSTATS_CUDA_VERSION;
-#ifdef GRADSTATS_WITH_CUDA
-    info["with_cuda"] = true;
-#else
-    info["with_cuda"] = false;
-#endif
-    info["cpu_isa"] = GRADSTATS_CPU_ISA;
-    return info;
-  });
+  m.doc() = "gradstats native library: loads torch.ops.gradstats and the bookkeeping helpers";
   m.def("collect_grads", &collect_grads, "the defined .grad of each parameter");
   m.def("device_groups", &device_groups, "indices of the tensors on each device");
   m.def("grads_or_tensors", &grads_or_tensors, "what grad_stats reads of each item");

@@ -1,5 +1,5 @@
 // Argument checks and output allocation shared by the CPU and CUDA implementations of the ops
-// declared in gradstats.cpp, so that both devices accept and reject exactly the same inputs.
+// declared in ops.cpp, so that both devices accept and reject exactly the same inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "layout.h"
-#include "stats.h"
+#include "partial.h"
 
 namespace gradstats {
 
@@ -33,7 +33,7 @@ struct StatsOutputs {
   at::Tensor total_norm;  // 0-dim, norm_dtype
   at::Tensor clip_coef;   // 0-dim, norm_dtype
   at::Tensor norms;       // [n], norm_dtype
-  at::Tensor counts;      // int64 [kCountRows, n + 1] (stats.h); column n holds the totals
+  at::Tensor counts;      // int64 [kCountRows, n + 1] (partial.h); column n holds the totals
 };
 
 StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors);
