@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,14 @@ std::vector<std::vector<int64_t>> device_groups(const py::list& tensors) {
   return groups;
 }
 
+// Whether a coefficient on the CPU is >= 1 (nothing to clip): the host reads it for free, as no
+// device has to be waited for. None for a coefficient elsewhere, which only its device may read
+// without a synchronisation. Native, as a Python read costs more than the check saves.
+std::optional<bool> cpu_coef_at_least_one(const at::Tensor& coef) {
+  if (!coef.device().is_cpu() || coef.numel() != 1) return std::nullopt;
+  return coef.item<double>() >= 1.0;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -79,4 +88,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("collect_grads", &collect_grads, "the defined .grad of each parameter");
   m.def("device_groups", &device_groups, "indices of the tensors on each device");
   m.def("grads_or_tensors", &grads_or_tensors, "what grad_stats reads of each item");
+  m.def("cpu_coef_at_least_one", &cpu_coef_at_least_one,
+        "whether a CPU coefficient is >= 1; None on other devices");
 }

@@ -275,7 +275,7 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
     With zero_counts (per-tensor non-finite counts), the NaN/Inf elements of the tensors that hold
     any are set to 0. DTensors are scaled through their local shards.
     """
-    if zero_counts is None and _nothing_to_clip_on_cpu(coef):
+    if zero_counts is None and ops.nothing_to_clip_on_cpu(coef):
         return  # the coefficient is global: no device has anything to scale
     tensors = local_tensors(tensors)
     groups = ops.device_groups(tensors)
@@ -285,13 +285,6 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
         if counts is not None and len(groups) > 1:
             counts = _gather(counts, idx, device)
         ops.scale_([tensors[i] for i in idx], coef.to(device, non_blocking=True), counts)
-
-
-def _nothing_to_clip_on_cpu(coef: Tensor) -> bool:
-    """On the CPU the host reads the coefficient for free (no device to wait for), and skipping the
-    call saves passing every tensor to an op that would return at once. Elsewhere the scale kernel
-    decides on the device."""
-    return coef.device.type == "cpu" and not torch.compiler.is_compiling() and coef.item() >= 1.0
 
 
 # ------------------------------------------------------------------------ non-finite report

@@ -20,29 +20,6 @@ POLICIES = ("propagate", "skip", "zero")
 _SUPPORTED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def stats(
-    tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str = "propagate"
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One pass over tensors of one device.
-
-    Returns (total_norm, clip_coef, norms, counts): 0-dim, 0-dim, [n] in float32 (float64 if any
-    input is float64), and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with
-    the totals in the last column.
-    """
-    # Statistics are not differentiated: no_grad keeps tensors that require grad (activations,
-    # get_total_norm inputs) from giving outputs that pretend to be.
-    with torch.no_grad():
-        return torch.ops.gradstats.stats(
-            list(tensors), float(norm_type), float(max_norm), on_nonfinite
-        )
-
-
-def scale_(tensors: Sequence[Tensor], coef: Tensor, zero_nonfinite: Tensor | None = None) -> None:
-    """tensors *= coef in place (nothing touched when coef >= 1); optionally zeroes NaN/Inf
-    elements of the tensors whose count in zero_nonfinite is positive."""
-    torch.ops.gradstats.scale_(list(tensors), coef, zero_nonfinite)
-
-
 def collect_grads(parameters: Sequence[Tensor]) -> list[Tensor]:
     """The defined .grad of each parameter, in order (natively: ~100 ns a parameter in Python)."""
     if torch.compiler.is_compiling():
@@ -70,6 +47,15 @@ def device_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
             groups.setdefault(t.device, []).append(i)
         return list(groups.values())
     return _C.device_groups(list(tensors))
+
+
+def nothing_to_clip_on_cpu(coef: Tensor) -> bool:
+    """True when coef is a CPU tensor >= 1: then no gradient needs scaling, and skipping the scale
+    op saves passing every tensor to it. Read natively; False on other devices (their scale kernel
+    decides on the device) and while compiling."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(_C.cpu_coef_at_least_one(coef))
 
 
 def kernel_devices() -> dict[str, list[str]]:
@@ -108,6 +94,23 @@ def _check_tensors(tensors, op: str) -> None:
         )
 
 
+def stats(
+    tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str = "propagate"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass over tensors of one device.
+
+    Returns (total_norm, clip_coef, norms, counts): 0-dim, 0-dim, [n] in float32 (float64 if any
+    input is float64), and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with
+    the totals in the last column.
+    """
+    # Statistics are not differentiated: no_grad keeps tensors that require grad (activations,
+    # get_total_norm inputs) from giving outputs that pretend to be.
+    with torch.no_grad():
+        return torch.ops.gradstats.stats(
+            list(tensors), float(norm_type), float(max_norm), on_nonfinite
+        )
+
+
 @torch.library.register_fake("gradstats::stats")
 def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
     _check_tensors(tensors, "stats")
@@ -124,6 +127,12 @@ def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
         like.new_empty((n,), dtype=dtype),
         like.new_empty((3, n + 1), dtype=torch.int64),
     )
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, zero_nonfinite: Tensor | None = None) -> None:
+    """tensors *= coef in place (nothing touched when coef >= 1); optionally zeroes NaN/Inf
+    elements of the tensors whose count in zero_nonfinite is positive."""
+    torch.ops.gradstats.scale_(list(tensors), coef, zero_nonfinite)
 
 
 @torch.library.register_fake("gradstats::scale_")
