@@ -7,7 +7,8 @@ Environment switches (all optional):
                                and a CUDA toolkit (nvcc) are both present; never decided from an
                                attached GPU
   GRADSTATS_CUDA_ARCHS="8.0;9.0+PTX"
-                               GPU architectures to compile for (TORCH_CUDA_ARCH_LIST syntax)
+                               GPU architectures to compile for (TORCH_CUDA_ARCH_LIST syntax;
+                               it overrides TORCH_CUDA_ARCH_LIST); 7.0 or newer, with nvcc >= 12.1
   GRADSTATS_CPU_ISA=auto|avx2|default
                                SIMD level of the CPU kernels: auto (default) uses AVX2+FMA+F16C
                                when the building machine has them; the import checks that the
@@ -21,13 +22,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The large launch table passes ~32 KB of kernel parameters (csrc/cuda/planner.h kMaxParamBytes):
+# CUDA 12.1 and compute capability 7.0 (Volta) are the first to allow more than 4 KB.
+MIN_CUDA_ARCH = (7, 0)
+MIN_NVCC = (12, 1)
+# TORCH_CUDA_ARCH_LIST may name architectures; these are the ones older than MIN_CUDA_ARCH.
+_OLD_ARCH_NAMES = ("kepler", "maxwell", "pascal")
 
 
 def _env(name: str, default: str) -> str:
@@ -87,6 +96,54 @@ def decide_cuda(torch_cuda: str | None) -> str | None:
     return toolkit if torch_cuda is not None else None
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
+    return int(major), int(minor)
+
+
+def decide_cuda_archs(toolkit: str) -> str:
+    """The architectures to compile for: GRADSTATS_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else the
+    default. Stops at once, saying what to do, when nvcc or an architecture is too old for the
+    kernels' 32 KB parameter tables (rather than failing deep in nvcc with "formal parameter space
+    overflowed")."""
+    source = next(
+        (name for name in ("GRADSTATS_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST") if os.environ.get(name)),
+        None,
+    )
+    archs = os.environ[source] if source else DEFAULT_CUDA_ARCHS
+    fix = (
+        f"set GRADSTATS_CUDA_ARCHS to architectures >= {MIN_CUDA_ARCH[0]}.{MIN_CUDA_ARCH[1]} "
+        f'(e.g. GRADSTATS_CUDA_ARCHS="{DEFAULT_CUDA_ARCHS}"; it overrides TORCH_CUDA_ARCH_LIST), '
+        "or build without CUDA: GRADSTATS_CUDA=0"
+    )
+    too_old = [
+        entry
+        for entry in re.split(r"[;\s]+", archs.strip())
+        if entry
+        and (
+            entry.lower().startswith(_OLD_ARCH_NAMES)
+            or (entry[0].isdigit() and _version(entry) < MIN_CUDA_ARCH)
+        )
+    ]
+    if too_old:
+        raise SystemExit(
+            f"gradstats: {source or 'the default'} asks for CUDA architectures {', '.join(too_old)}"
+            f" (from {archs!r}); the kernels need compute capability >= {MIN_CUDA_ARCH[0]}."
+            f"{MIN_CUDA_ARCH[1]} (they pass up to 32 KB of kernel parameters): {fix}"
+        )
+    output = subprocess.run(
+        [str(Path(toolkit) / "bin" / "nvcc"), "--version"], capture_output=True, text=True
+    ).stdout
+    release = re.search(r"release (\d+\.\d+)", output)
+    if release and _version(release.group(1)) < MIN_NVCC:
+        raise SystemExit(
+            f"gradstats: the CUDA toolkit in {toolkit} is release {release.group(1)}; the kernels "
+            f"need nvcc >= {MIN_NVCC[0]}.{MIN_NVCC[1]} (kernel parameters up to 32 KB): point "
+            "CUDA_HOME at a newer toolkit, or build without CUDA: GRADSTATS_CUDA=0"
+        )
+    return archs
+
+
 def decide_cpu_isa() -> str:
     mode = _env("CPU_ISA", "auto")
     if mode not in ("auto", "avx2", "default"):
@@ -103,9 +160,7 @@ def build_extension():
     if toolkit:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = toolkit
-        os.environ.setdefault(
-            "TORCH_CUDA_ARCH_LIST", os.environ.get("GRADSTATS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-        )
+        os.environ["TORCH_CUDA_ARCH_LIST"] = decide_cuda_archs(toolkit)
     from torch.utils import cpp_extension
 
     cpu_isa = decide_cpu_isa()
@@ -144,5 +199,6 @@ def build_extension():
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
-ext, build_ext = build_extension()
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
+    ext, build_ext = build_extension()
+    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})

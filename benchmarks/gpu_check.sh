@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check of gradstats, for a fresh machine with a GPU, torch, nvcc and no network:
-#   build (pip install --no-build-isolation -e .), the GPU tests (tests/test_cuda.py and the
-#   suite's cuda cases), compute-sanitizer memcheck / racecheck / synccheck on a small
-#   statistics-plus-clipping program, and the GPU benchmark when `python -m gradstats bench`
-#   exists. Full logs go to OUTDIR; a short table is printed last. Every step has a timeout and
-#   the whole check stays within CHECK_BUDGET_S (under 8 minutes on an H200).
+#   build (pip install --no-build-isolation -e ., all cores, sm_90 only unless GRADSTATS_CUDA_ARCHS
+#   says otherwise), the GPU tests (tests/test_cuda.py and the suite's cuda cases), compute-sanitizer
+#   memcheck / racecheck / synccheck / initcheck on a small statistics-plus-clipping program (after
+#   a negative control proving that the kernel filter instruments our kernels), a stress of two
+#   streams and CUDA graph replays with the statistics kernel's tail timings
+#   (benchmarks/gpu_stress.py), and the GPU benchmark. Full logs go to OUTDIR; a short table is
+#   printed last. Every step has a timeout and the whole check stays within CHECK_BUDGET_S (under
+#   8 minutes on an H200).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -29,11 +32,16 @@ TESTS_TIMEOUT_S=240
 MEMCHECK_TIMEOUT_S=150
 RACECHECK_TIMEOUT_S=120
 SYNCCHECK_TIMEOUT_S=90
+INITCHECK_TIMEOUT_S=90
+CONTROL_TIMEOUT_S=60
+STRESS_TIMEOUT_S=120
 BENCH_TIMEOUT_S=150
 # A step that would get less time than this is skipped rather than started.
 MIN_STEP_S=20
 # compute-sanitizer exits with this when it found errors (any value the program cannot return).
 SANITIZER_ERROR_EXIT=86
+# The sanitizers instrument only kernels whose name holds this (csrc/cuda/kernels.cuh).
+KERNEL_FILTER="kns=gradstats_"
 
 START=$(date +%s)
 STEPS=()
@@ -120,6 +128,7 @@ GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --threads 0"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export GRADSTATS_CUDA=1 GRADSTATS_PTXAS_VERBOSE=1
+export GRADSTATS_CUDA_ARCHS=${GRADSTATS_CUDA_ARCHS:-9.0}
 run_step build "$BUILD_TIMEOUT_S" "$OUT/build.log" \
   "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 BUILD_RC=$STEP_RC
@@ -138,8 +147,10 @@ cat "$OUT"/build*.log 2>/dev/null | grep -E "Compiling entry function|Used [0-9]
 KERNELS=$(grep -c "Used" "$OUT/ptxas.txt" 2>/dev/null)
 SPILLS=$(grep -E "spill" "$OUT/ptxas.txt" | grep -vc " 0 bytes spill stores, 0 bytes spill loads" || true)
 MAXREG=$(grep -oE "Used [0-9]+ registers" "$OUT/ptxas.txt" | awk '{print $2}' | sort -n | tail -1)
+# Stack frames: a table passed by value and indexed dynamically could be copied to the stack.
+STACKS=$(grep -oE "[0-9]+ bytes stack frame" "$OUT/ptxas.txt" | grep -vc "^0 bytes" || true)
 record build "$(status_of "$BUILD_RC")" "$BUILD_S" \
-  "${KERNELS:-0} kernel builds, max ${MAXREG:-?} registers, ${SPILLS:-0} with spills (ptxas.txt)"
+  "${KERNELS:-0} kernel builds, max ${MAXREG:-?} registers, ${SPILLS:-0} with spills, ${STACKS:-0} with stack frames (ptxas.txt)"
 
 # This checkout first, whether pip's editable install or the in-place build made it.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -175,14 +186,11 @@ sanitize() {  # tool limit env-assignment extra-args...
   shift 3
   local log="$OUT/sanitizer_$tool.log"
   local common=(--tool "$tool" --error-exitcode "$SANITIZER_ERROR_EXIT" --report-api-errors no "$@")
-  # Only the gradstats kernels are instrumented (torch's own are not ours to check, and slow);
-  # a compute-sanitizer that does not know the filter runs unfiltered.
+  # Only the gradstats kernels are instrumented (torch's own are not ours to check, and slow).
+  # Their names carry "gradstats_" in both mangled and demangled form; the control step below
+  # proves that the filter instruments them.
   run_step "$tool" "$limit" "$log" env "$env_assignment" "$SANITIZER" "${common[@]}" \
-    --kernel-name kns=gradstats "$PY" benchmarks/sanitize_case.py
-  if [[ $STEP_RC -ne 0 && $STEP_RC -ne -1 ]] && grep -qiE "unrecognized|invalid" "$log"; then
-    run_step "$tool" "$limit" "$log" env "$env_assignment" "$SANITIZER" "${common[@]}" \
-      "$PY" benchmarks/sanitize_case.py
-  fi
+    --kernel-name "$KERNEL_FILTER" "$PY" benchmarks/sanitize_case.py
   local summary
   summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1 | sed -E 's/^=+ *//')
   grep -q "sanitize_case: ok" "$log" || summary="$summary; program did not finish ok"
@@ -194,24 +202,41 @@ if [[ $IMPORT_OK -ne 1 ]]; then
 elif [[ -z "$SANITIZER" ]]; then
   record sanitizers MISSING 0 "compute-sanitizer not found in PATH or CUDA_HOME"
 else
+  # Negative control: a planted out-of-bounds read in gradstats_stats_kernel must be reported
+  # under the same filter; a filter that matched nothing would pass every tool below unchecked.
+  CONTROL_LOG="$OUT/sanitizer_control.log"
+  run_step control "$CONTROL_TIMEOUT_S" "$CONTROL_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode "$SANITIZER_ERROR_EXIT" --report-api-errors no \
+    --leak-check no --kernel-name "$KERNEL_FILTER" "$PY" benchmarks/sanitize_case.py --plant-out-of-bounds
+  if [[ $STEP_RC -eq $SANITIZER_ERROR_EXIT ]] && grep -q "gradstats_stats_kernel" "$CONTROL_LOG"; then
+    record control ok "$STEP_S" "planted read reported in gradstats_stats_kernel: the filter works"
+  else
+    record control FAIL "$STEP_S" "planted read NOT reported (rc $STEP_RC): the kernel filter instruments nothing"
+  fi
   # Without the caching allocator every tensor is its own allocation: memcheck then sees
   # accesses past a tensor's end, not only past a cached block's.
   sanitize memcheck "$MEMCHECK_TIMEOUT_S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 --leak-check no
   sanitize racecheck "$RACECHECK_TIMEOUT_S" GRADSTATS_SANITIZER=racecheck --racecheck-report hazard
   sanitize synccheck "$SYNCCHECK_TIMEOUT_S" GRADSTATS_SANITIZER=synccheck
+  sanitize initcheck "$INITCHECK_TIMEOUT_S" PYTORCH_NO_CUDA_MEMORY_CACHING=1
+fi
+
+# ---- stress and tail timings ---------------------------------------------------------------
+if [[ $IMPORT_OK -ne 1 ]]; then
+  record stress SKIPPED 0 "build or import failed"
+else
+  run_step stress "$STRESS_TIMEOUT_S" "$OUT/stress.log" \
+    "$PY" benchmarks/gpu_stress.py --json "$OUT/stress.json"
+  record stress "$(status_of "$STEP_RC")" "$STEP_S" "two streams, graph replays, no-sync, tail timings (stress.json)"
 fi
 
 # ---- benchmark -----------------------------------------------------------------------------
 if [[ $IMPORT_OK -ne 1 ]]; then
   record bench SKIPPED 0 "build or import failed"
-elif "$PY" -c "import importlib.util as u, sys; \
-sys.exit(0 if u.find_spec('gradstats.bench') and u.find_spec('gradstats.__main__') else 1)" \
-  2>/dev/null; then
+else
   run_step bench "$BENCH_TIMEOUT_S" "$OUT/bench_gpu.log" \
     "$PY" -m gradstats bench --device cuda --json "$OUT/bench_gpu.json"
   record bench "$(status_of "$STEP_RC")" "$STEP_S" "bench_gpu.json, bench_gpu.log"
-else
-  record bench ABSENT 0 "python -m gradstats bench does not exist yet"
 fi
 
 # ---- the table -----------------------------------------------------------------------------

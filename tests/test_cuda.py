@@ -423,3 +423,27 @@ def test_two_gpus():
     for p, g in zip(params, finite):
         want = reference_clipped(g, ref.clip_coef)
         torch.testing.assert_close(p.grad.double().cpu(), want, rtol=CLIP_RTOL[g.dtype], atol=0)
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("policy", ["propagate", "zero", "skip"])
+def test_a_list_over_two_gpus_never_waits_for_the_host(policy):
+    """Interleaved devices (several runs per device): combining the devices' statistics and
+    zeroing per device move data without index tensors, so nothing synchronises."""
+    tensors = [torch.randn(1000 + i, device=f"cuda:{i % 2}") for i in range(6)]
+    tensors[3][5] = float("nan")
+    params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
+    for p, t in zip(params, tensors):
+        p.grad = t.clone()
+    expected = reference_stats([t.cpu() for t in tensors], 2.0, 1.0, policy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st = gradstats.grad_stats(tensors, max_norm=1.0)
+        gradstats.clip_grad_norm_(params, 1.0, on_nonfinite=policy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert st.counts[0, :-1].tolist() == expected.nan_counts
+    assert_close_rel(st.norms[2].item(), expected.norms[2], NORM_RTOL[torch.float32], "norm 2")
+    if policy == "zero":
+        assert torch.isfinite(params[3].grad).all()

@@ -9,14 +9,14 @@ namespace gradstats::gpu {
 template <class Table>
 void launch_stats(const Table& table, const StatsArgs& args, int grid, cudaStream_t stream) {
   static_assert(sizeof(Table) + sizeof(StatsArgs) <= kMaxParamBytes);
-  stats_kernel<Table><<<grid, kThreads, 0, stream>>>(table, args);
+  gradstats_stats_kernel<Table><<<grid, kThreads, 0, stream>>>(table, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class Table>
 void launch_scale(const Table& table, const ScaleArgs& args, int grid, cudaStream_t stream) {
   static_assert(sizeof(Table) + sizeof(ScaleArgs) <= kMaxParamBytes);
-  scale_kernel<Table><<<grid, kThreads, 0, stream>>>(table, args);
+  gradstats_scale_kernel<Table><<<grid, kThreads, 0, stream>>>(table, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

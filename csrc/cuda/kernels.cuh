@@ -272,7 +272,7 @@ __device__ __forceinline__ void write_totals(const StatsArgs& args, Scratch& scr
 
 template <class Table>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    stats_kernel(const Table table, const StatsArgs args) {
+    gradstats_stats_kernel(const Table table, const StatsArgs args) {
   __shared__ Scratch scratch;
   for (int32_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const ChunkRef ref = locate_chunk(table, c);
@@ -313,7 +313,7 @@ __device__ __noinline__ void scale_chunk(ChunkView<T> view, opmath_t<T> coef, bo
 
 template <class Table>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    scale_kernel(const Table table, const ScaleArgs args) {
+    gradstats_scale_kernel(const Table table, const ScaleArgs args) {
   double coef = 0.0;
   dispatch_dtype(static_cast<int>(args.coef_dtype), [&](auto tag) {
     coef = static_cast<double>(to_opmath(*static_cast<const decltype(tag)*>(args.coef)));

@@ -160,7 +160,7 @@ Outputs run_stats(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite pol
     const auto grid = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>(plan.launches[k].num_chunks, max_grid)));
     const Table& launched = *table;
-    host_cuda::launch(grid, kThreads, [&] { stats_kernel<Table>(launched, args); });
+    host_cuda::launch(grid, kThreads, [&] { gradstats_stats_kernel<Table>(launched, args); });
   }
 
   Outputs out;
@@ -315,7 +315,7 @@ void run_scale(std::vector<HostTensor>& tensors, float coef, const std::vector<i
   for (const LaunchPlan& launch : plan.launches) {
     pack_launch(descs, launch, *table);
     const SmallTable& launched = *table;
-    host_cuda::launch(kGrid, kThreads, [&] { scale_kernel<SmallTable>(launched, args); });
+    host_cuda::launch(kGrid, kThreads, [&] { gradstats_scale_kernel<SmallTable>(launched, args); });
   }
 }
 
