@@ -28,8 +28,8 @@ import torch
 
 import gradstats
 from gradstats import ops
-from gradstats.bench_env import cpu_cache_bytes
-from gradstats.bench_presets import gpt2_small
+from gradstats.bench.env import cpu_cache_bytes
+from gradstats.bench.presets import gpt2_small
 from gradstats.stats import collect_grads
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from gradstats.bench_report import markdown, read_json
+from gradstats.bench.report import markdown, read_json
 
 
 def block(results: Path) -> str:

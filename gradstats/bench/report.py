@@ -8,10 +8,12 @@ torch_ms, speedup, gbps and floor_fraction.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from gradstats.bench_cases import SCENARIO_TITLES, SCENARIOS
+from gradstats.bench.cases import OURS_RTOL, SCENARIO_TITLES, SCENARIOS
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -23,6 +25,12 @@ PLOT_HEIGHT_IN = 7.5
 PLOT_DPI = 120
 BAR_GROUP_WIDTH = 0.8
 BAR_LABEL_FONT = 6
+# A baseline whose norm is further than this from the float64 norm gets a note under the table.
+BASELINE_NOTE_ERROR = 1e-2
+BASELINES = ("torch", "apex")
+# A row during which other processes used more than this share of the CPUs is flagged.
+BUSY_OTHER_SHARE = 0.05
+PROGRESS_LINE_WIDTH = 60
 
 Row = dict[str, Any]
 Header = dict[str, Any]
@@ -30,6 +38,70 @@ Header = dict[str, Any]
 
 class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
+
+
+class Progress:
+    """A tqdm bar on stderr when tqdm is installed, else one plain line per row."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+
+    def start(self, label: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description(label)
+        else:
+            end = "\r" if sys.stderr.isatty() else "\n"
+            line = f"[{self.done + 1}/{self.total}] {label}"
+            print(line.ljust(PROGRESS_LINE_WIDTH), end=end, file=sys.stderr)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def accuracy_notes(rows: list[Row]) -> list[str]:
+    """One note per (preset, dtype, baseline) whose norm was far from the float64 norm."""
+    worst: dict[tuple[str, str, str], float] = {}
+    for row in rows:
+        for side in BASELINES:
+            error = row.get(f"{side}_norm_error")
+            if error is not None and error > BASELINE_NOTE_ERROR:
+                key = (row["preset"], row["dtype"], side)
+                worst[key] = max(worst.get(key, 0.0), error)
+    return [
+        f"{preset} {dtype}: {side}'s norm is {error * PERCENT:.1f}% off the float64 norm "
+        f"(gradstats' within {OURS_RTOL:g})"
+        for (preset, dtype, side), error in worst.items()
+    ]
+
+
+def load_notes(rows: list[Row]) -> list[str]:
+    """A warning naming the rows during which other processes used the CPUs."""
+    busy = [row for row in rows if (row.get("other_cpu_share") or 0.0) > BUSY_OTHER_SHARE]
+    if not busy:
+        return []
+    worst = max(row["other_cpu_share"] for row in busy)
+    return [
+        f"the machine was busy during {len(busy)} of {len(rows)} rows: other processes "
+        f"used up to {worst * PERCENT:.0f}% of the {os.cpu_count()} CPUs (other_cpu_share in "
+        "the JSON); multi-threaded timings suffer most, so rerun on an idle machine"
+    ]
 
 
 def write_json(path: Path, header: Header, rows: list[Row]) -> None:
