@@ -14,6 +14,7 @@ import torch
 
 import gradstats
 from gradstats import bench
+from gradstats.bench.cases import SCENARIOS
 from gradstats.bench.presets import PRESET_NAMES, make_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,15 @@ def test_adamw_step_scenario(tmp_path):
     assert row["scenario"] == "adamw-step"
     assert row["adamw_ms"] > 0 and row["gradstats_ms"] > 0
     assert "overhead_reads" in row
+
+
+def test_scenarios_run_in_any_order(tmp_path):
+    """The gradient pool is built again after adamw-step freed it (the order the user gave)."""
+    out = tmp_path / "bench.json"
+    order = list(reversed(SCENARIOS))
+    args = [*QUICK, "--dtype", "float32", "--scenario", *order, "--json", str(out)]
+    assert bench.main(args) == 0
+    assert [r["scenario"] for r in json.loads(out.read_text())["rows"]] == order
 
 
 def test_bench_quick_as_a_module():

@@ -199,19 +199,22 @@ class Runner:
             floor=floor,
             apex=self.apex,
         )
-        only_adamw = scenarios == ["adamw-step"]
-        grads = None if only_adamw else GradPool(layout, pristine, self.flush_bytes, self.evict)
-        case = None
+        # The gradient pool and the AdamW slots never live at the same time (needed_bytes counts
+        # the larger of the two): each is built when a scenario needs it, in any order.
+        grads: GradPool | None = None
         for scenario in scenarios:
             progress.start(f"{preset.name} {dtype_name} {scenario}")
             case = None  # frees the last case's inputs before the next one takes memory
             if scenario == "adamw-step":
                 grads = None
                 case = adamw_case(ctx, self.generator)
-            elif scenario == "stats":
-                case = stats_case(ctx, grads)
             else:
-                case = clip_case(ctx, grads, clips=scenario == "clip")
+                if grads is None:
+                    grads = GradPool(layout, pristine, self.flush_bytes, self.evict)
+                if scenario == "stats":
+                    case = stats_case(ctx, grads)
+                else:
+                    case = clip_case(ctx, grads, clips=scenario == "clip")
             self.rows.append(self.time_case(preset, dtype_name, case, floor_bytes))
             self.save()
             progress.step()
