@@ -79,6 +79,7 @@ def test_bench_quick_writes_json_with_the_row_fields(tmp_path, capsys):
     assert bench.main([*QUICK, "--dtype", "float32", "bfloat16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| preset | dtype | scenario |" in printed
+    assert f"wrote results: {out}" in printed
     payload = json.loads(out.read_text())
     header, rows = payload["header"], payload["rows"]
     assert header["machine"]["cpu_threads"] >= 1
@@ -104,18 +105,33 @@ def test_markdown_and_plot_from_saved_json(tmp_path, capsys):
     assert bench.main([*QUICK, "--dtype", "float16", "--json", str(out)]) == 0
     capsys.readouterr()
     assert bench.main(["--from-json", str(out), "--plot", str(png)]) == 0
-    assert "| many-tiny | float16 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| many-tiny | float16 |" in printed
+    assert f"wrote plot: {png}" in printed
     assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_json_and_plot_paths_are_printed(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [*QUICK, "--dtype", "float32", "--scenario", "stats"]
+    assert bench.main([*args, "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote results: {out}; plot: {png}" in printed
+    assert out.exists() and png.exists()
 
 
 def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     args = [*QUICK, "--dtype", "float32", "--scenario", "stats", "--json", str(out)]
     assert bench.main(args) == 0
+    capsys.readouterr()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code = bench.main(["--from-json", str(out), "--plot", str(tmp_path / "x.png")])
     assert code == bench.EXIT_NO_PLOT
-    assert "pip install matplotlib" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "pip install matplotlib" in captured.err
+    assert "wrote" not in captured.out  # the plot it could not write is not announced
     assert not (tmp_path / "x.png").exists()
 
 

@@ -130,16 +130,23 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def report(header: dict[str, Any], rows: list[Row], plot_path: Path | None) -> int:
+def report(
+    header: dict[str, Any], rows: list[Row], plot_path: Path | None, json_path: Path | None = None
+) -> int:
+    """Prints the markdown, writes the plot, then says which files were written."""
     print(markdown(header, rows))
-    if plot_path is None:
-        return 0
-    try:
-        plot(plot_path, header, rows)
-    except PlotUnavailable as err:
-        print(f"gradstats bench: {err}", file=sys.stderr)
-        return EXIT_NO_PLOT
-    return 0
+    written = [] if json_path is None else [f"results: {json_path}"]
+    status = 0
+    if plot_path is not None:
+        try:
+            plot(plot_path, header, rows)
+            written.append(f"plot: {plot_path}")
+        except PlotUnavailable as err:
+            print(f"gradstats bench: {err}", file=sys.stderr)
+            status = EXIT_NO_PLOT
+    if written:
+        print("\nwrote " + "; ".join(written))
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,14 +154,17 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         header, rows = read_json(args.from_json)
         return report(header, rows, args.plot)
-    runner = Runner(make_config(args))
+    config = make_config(args)
+    runner = Runner(config)
     try:
         runner.run()
     except BenchError as err:
-        print(f"gradstats bench: {err}", file=sys.stderr)
+        saved = config.json_path is not None and runner.rows
+        kept = f" (the rows before it are in {config.json_path})" if saved else ""
+        print(f"gradstats bench: {err}{kept}", file=sys.stderr)
         return EXIT_ERROR
     runner.save()
-    return report(runner.header(), runner.rows, args.plot)
+    return report(runner.header(), runner.rows, args.plot, config.json_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
