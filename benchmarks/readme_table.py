@@ -6,7 +6,8 @@
 
 The README holds the block between `<!-- gradstats-bench:NAME -->` and
 `<!-- /gradstats-bench:NAME -->`, NAME being the results file's stem (cpu, gpu); --update rewrites
-it from the JSON, --check exits 1 when it differs (for CI).
+it from the JSON, --check exits 1 when it differs (for CI). Rows the benchmark marked busy (timed
+while other processes used the machine) stay out of the table; a line under it names them.
 """
 
 from __future__ import annotations

@@ -19,8 +19,15 @@ import torch
 from gradstats.bench import env
 from gradstats.bench.cases import SCENARIOS, BenchError
 from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
-from gradstats.bench.report import PlotUnavailable, Row, markdown, plot, read_json
-from gradstats.bench.runner import DTYPES, ROW_BUDGET_S, Config, Runner
+from gradstats.bench.report import (
+    BUSY_OTHER_SHARE,
+    PlotUnavailable,
+    Row,
+    markdown,
+    plot,
+    read_json,
+)
+from gradstats.bench.runner import BUSY_RETRIES, DTYPES, ROW_BUDGET_S, Config, Runner
 
 DESCRIPTION = __doc__
 DEFAULT_PRESETS = {
@@ -91,6 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run nothing: print the markdown of a saved --json file (and --plot it)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--busy-share",
+        type=float,
+        default=BUSY_OTHER_SHARE,
+        metavar="SHARE",
+        help="a row during which other processes used more than this share of the CPUs is timed"
+        f" again, up to {BUSY_RETRIES} times, then marked busy and left out of the table (default"
+        f" {BUSY_OTHER_SHARE:g}; 1 keeps every row)",
+    )
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -127,6 +143,7 @@ def make_config(args: argparse.Namespace) -> Config:
         seed=args.seed,
         progress=not args.no_progress,
         json_path=args.json,
+        busy_share=args.busy_share,
     )
 
 

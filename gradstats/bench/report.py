@@ -8,7 +8,6 @@ torch_ms, speedup, gbps and floor_fraction.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,16 @@ BAR_LABEL_FONT = 6
 # A baseline whose norm is further than this from the float64 norm gets a note under the table.
 BASELINE_NOTE_ERROR = 1e-2
 BASELINES = ("torch", "apex")
-# A row during which other processes used more than this share of the CPUs is flagged.
+# A row during which other processes used more than this share of the CPUs is timed again, and
+# left out of the results if it stays that busy (the default of --busy-share).
 BUSY_OTHER_SHARE = 0.05
 PROGRESS_LINE_WIDTH = 60
+# What a cost measured below zero shows instead of a number, and the note that explains it.
+NOISE = "noise (< 0)"
+NOISE_NOTE = (
+    f"{NOISE}: the wrapper measured faster than the bare AdamW step it contains, which is timing "
+    "noise, not a negative cost."
+)
 
 Row = dict[str, Any]
 Header = dict[str, Any]
@@ -91,17 +97,44 @@ def accuracy_notes(rows: list[Row]) -> list[str]:
     ]
 
 
-def load_notes(rows: list[Row]) -> list[str]:
-    """A warning naming the rows during which other processes used the CPUs."""
-    busy = [row for row in rows if (row.get("other_cpu_share") or 0.0) > BUSY_OTHER_SHARE]
-    if not busy:
-        return []
-    worst = max(row["other_cpu_share"] for row in busy)
-    return [
-        f"the machine was busy during {len(busy)} of {len(rows)} rows: other processes "
-        f"used up to {worst * PERCENT:.0f}% of the {os.cpu_count()} CPUs (other_cpu_share in "
-        "the JSON); multi-threaded timings suffer most, so rerun on an idle machine"
-    ]
+def busy_share(header: Header) -> float:
+    """The share of the CPUs other processes could use before a row counted as busy."""
+    return header.get("method", {}).get("busy_share", BUSY_OTHER_SHARE)
+
+
+def is_busy(row: Row, share: float = BUSY_OTHER_SHARE) -> bool:
+    """Whether the row was measured while other processes used the machine: its numbers are then
+    noise, not a result. Rows from before the flag existed are judged by their other_cpu_share."""
+    if "busy" in row:
+        return bool(row["busy"])
+    return (row.get("other_cpu_share") or 0.0) > share
+
+
+def published(header: Header, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """The rows that are results, and the busy ones left out."""
+    share = busy_share(header)
+    busy = [row for row in rows if is_busy(row, share)]
+    return [row for row in rows if not is_busy(row, share)], busy
+
+
+def busy_line(header: Header, busy: list[Row]) -> str:
+    """Which rows were left out of the results, and why."""
+    method = header.get("method", {})
+    retries = method.get("busy_retries")
+    tries = f", still after {retries} re-measurements" if retries else ""
+    names = ", ".join(
+        f"{row['preset']} {row['dtype']} {SCENARIO_TITLES.get(row['scenario'], row['scenario'])}"
+        f" ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)"
+        for row in busy
+    )
+    cpus = header.get("machine", {}).get("cpu_threads")
+    of_cpus = f"the {cpus} CPUs" if cpus else "the CPUs"
+    count = f"{len(busy)} row{'' if len(busy) == 1 else 's'}"
+    return (
+        f"Left out: {count} measured while other processes used more than "
+        f"{busy_share(header) * PERCENT:.0f}% of {of_cpus}{tries} (their timings are noise, not "
+        f"results; rerun them on an idle machine): {names}"
+    )
 
 
 def write_json(path: Path, header: Header, rows: list[Row]) -> None:
@@ -151,6 +184,11 @@ def _fmt_ms(value: float) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < PERCENT else f"{value:.0f}"
 
 
+def _cost(reads: float) -> str:
+    """A cost in reads of the gradients; below zero it is timing noise, never a number."""
+    return NOISE if reads < 0 else f"{reads:.2f}"
+
+
 def _has(rows: list[Row], key: str) -> bool:
     return any(row.get(key) is not None for row in rows)
 
@@ -187,7 +225,7 @@ def table(rows: list[Row]) -> str:
             has = row.get("adamw_ms") is not None
             cells += [
                 _fmt_ms(row["adamw_ms"]) if has else "",
-                f"{row['overhead_reads']:.2f}" if has else "",
+                _cost(row["overhead_reads"]) if has else "",
             ]
         if apex:
             has = row.get("apex_ms") is not None
@@ -210,7 +248,12 @@ def markdown(header: Header, rows: list[Row]) -> str:
     summary = header.get("method", {}).get("summary")
     if summary:
         lines += ["", f"Method: {summary}"]
-    lines += ["", table(rows)]
+    results, busy = published(header, rows)
+    lines += ["", table(results)]
+    if busy:
+        lines += ["", busy_line(header, busy)]
+    if any((row.get("overhead_reads") or 0.0) < 0 for row in results):
+        lines += ["", NOISE_NOTE]
     notes = header.get("notes", [])
     if notes:
         lines.append("")
@@ -230,6 +273,7 @@ def plot(path: Path, header: Header, rows: list[Row]) -> None:
         raise PlotUnavailable(
             "--plot needs matplotlib, which is not installed: pip install matplotlib"
         ) from err
+    rows, _ = published(header, rows)
     groups = list(dict.fromkeys(f"{row['preset']}\n{row['dtype']}" for row in rows))
     scenarios = [s for s in SCENARIOS if any(row["scenario"] == s for row in rows)]
     width = BAR_GROUP_WIDTH / max(len(scenarios), 1)
