@@ -15,7 +15,7 @@ import torch
 
 import gradstats
 from gradstats import bench
-from gradstats.bench import env, report, runner
+from gradstats.bench import env, plot, report, runner
 from gradstats.bench.cases import SCENARIOS
 from gradstats.bench.presets import PRESET_NAMES, make_preset
 
@@ -327,3 +327,31 @@ def test_busy_rows_are_timed_again_then_marked(tmp_path, monkeypatch, shares, at
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["attempts"], row["busy"], row["other_cpu_share"]) == (attempts, busy, kept)
     assert _Load.shares == []
+
+
+def test_plot_axes_cover_every_bar_and_the_legend_covers_none():
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    rows = [
+        {**_row("gpt2-small", "float32", scenario, speedup, fraction), "busy": False}
+        for scenario, speedup, fraction in (
+            ("stats", 1.4, 0.9),
+            ("clip-noop", 40.0, 0.95),
+            ("clip", 0.7, 1.3),
+            ("adamw-step", 1.1, 1.1),
+        )
+    ]
+    rows.append({**_row("many-small", "float32", "clip", 500.0, 9.0), "busy": True})
+    fig = plot.figure({}, rows)
+    try:
+        top, bottom = fig.axes
+        low, high = top.get_ylim()
+        assert low < 0.7 and high > 40.0  # the busy row's 500x is left out, not plotted
+        assert high < 500.0
+        assert bottom.get_ylim()[1] > 130.0
+        fig.canvas.draw()
+        (legend,) = fig.legends
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in (top, bottom))
+        assert len(legend.get_texts()) == len(SCENARIOS)  # one entry each, not one per panel
+    finally:
+        pyplot.close(fig)

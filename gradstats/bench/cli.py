@@ -18,15 +18,9 @@ import torch
 
 from gradstats.bench import env
 from gradstats.bench.cases import SCENARIOS, BenchError
+from gradstats.bench.plot import PlotUnavailable, plot
 from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
-from gradstats.bench.report import (
-    BUSY_OTHER_SHARE,
-    PlotUnavailable,
-    Row,
-    markdown,
-    plot,
-    read_json,
-)
+from gradstats.bench.report import BUSY_OTHER_SHARE, Row, markdown, read_json
 from gradstats.bench.runner import BUSY_RETRIES, DTYPES, ROW_BUDGET_S, Config, Runner
 
 DESCRIPTION = __doc__

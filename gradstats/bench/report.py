@@ -1,4 +1,4 @@
-"""Benchmark output: the JSON file, the markdown table (also from a saved JSON) and the plot.
+"""Benchmark output: the JSON file, the markdown table (also from a saved JSON), the progress line.
 
 JSON layout: {"schema": 1, "header": {...machine, versions, method, notes...}, "rows": [...]},
 one row per (preset, dtype, scenario) with at least preset, dtype, scenario, device, gradstats_ms,
@@ -12,18 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradstats.bench.cases import OURS_RTOL, SCENARIO_TITLES, SCENARIOS
+from gradstats.bench.cases import OURS_RTOL, SCENARIO_TITLES
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
 GIB = 1 << 30
 PERCENT = 100
-PLOT_WIDTH_PER_GROUP_IN = 0.9
-PLOT_MIN_WIDTH_IN = 8.0
-PLOT_HEIGHT_IN = 7.5
-PLOT_DPI = 120
-BAR_GROUP_WIDTH = 0.8
-BAR_LABEL_FONT = 6
 # A baseline whose norm is further than this from the float64 norm gets a note under the table.
 BASELINE_NOTE_ERROR = 1e-2
 BASELINES = ("torch", "apex")
@@ -40,10 +34,6 @@ NOISE_NOTE = (
 
 Row = dict[str, Any]
 Header = dict[str, Any]
-
-
-class PlotUnavailable(RuntimeError):
-    """matplotlib is not installed."""
 
 
 class Progress:
@@ -259,54 +249,3 @@ def markdown(header: Header, rows: list[Row]) -> str:
         lines.append("")
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines)
-
-
-def plot(path: Path, header: Header, rows: list[Row]) -> None:
-    """PNG with two panels: speedup over torch and fraction of the bandwidth floor, per scenario."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError as err:
-        raise PlotUnavailable(
-            "--plot needs matplotlib, which is not installed: pip install matplotlib"
-        ) from err
-    rows, _ = published(header, rows)
-    groups = list(dict.fromkeys(f"{row['preset']}\n{row['dtype']}" for row in rows))
-    scenarios = [s for s in SCENARIOS if any(row["scenario"] == s for row in rows)]
-    width = BAR_GROUP_WIDTH / max(len(scenarios), 1)
-    size = (max(PLOT_MIN_WIDTH_IN, PLOT_WIDTH_PER_GROUP_IN * len(groups)), PLOT_HEIGHT_IN)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=size, sharex=True)
-    for i, scenario in enumerate(scenarios):
-        by_group = {
-            f"{row['preset']}\n{row['dtype']}": row for row in rows if row["scenario"] == scenario
-        }
-        xs = [g + (i - (len(scenarios) - 1) / 2) * width for g in range(len(groups))]
-        picked = [(x, by_group.get(name)) for x, name in zip(xs, groups)]
-        present = [(x, row) for x, row in picked if row is not None]
-        label = SCENARIO_TITLES.get(scenario, scenario)
-        xs_present = [x for x, _ in present]
-        bars = top.bar(xs_present, [r["speedup"] for _, r in present], width, label=label)
-        top.bar_label(bars, fmt="%.1f", fontsize=BAR_LABEL_FONT)
-        fractions = [r["floor_fraction"] * PERCENT for _, r in present]
-        bars = bottom.bar(xs_present, fractions, width, label=label)
-        bottom.bar_label(bars, fmt="%.0f", fontsize=BAR_LABEL_FONT)
-    top.axhline(1.0, color="black", linewidth=0.8)
-    top.set_yscale("log")
-    times = FuncFormatter(lambda value, _: f"{value:g}x")
-    top.yaxis.set_major_formatter(times)
-    top.yaxis.set_minor_formatter(times)
-    top.set_ylabel("speedup over torch (x, log)")
-    top.legend(fontsize="small")
-    bottom.axhline(PERCENT, color="black", linewidth=0.8)
-    bottom.set_ylabel("% of bandwidth floor")
-    bottom.set_xticks(range(len(groups)))
-    bottom.set_xticklabels(groups, fontsize="small")
-    title = f"gradstats bench on {header.get('device', '?')}: {machine_line(header)}"
-    fig.suptitle(title, fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
