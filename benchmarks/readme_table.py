@@ -1,8 +1,8 @@
 """Keeps the README's benchmark tables generated from the committed results.
 
-    python benchmarks/readme_table.py benchmarks/results/cpu.json                   # print it
-    python benchmarks/readme_table.py benchmarks/results/cpu.json --update README.md
-    python benchmarks/readme_table.py benchmarks/results/cpu.json --check README.md
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json            # print it
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json --update README.md
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json --check README.md
 
 The README holds the block between `<!-- gradstats-bench:NAME -->` and
 `<!-- /gradstats-bench:NAME -->`, NAME being the results file's stem (cpu, gpu); --update rewrites

@@ -1,6 +1,6 @@
 """Checks a `python -m gradstats bench --json` file against the project's speed targets.
 
-    python benchmarks/targets.py benchmarks/results/cpu.json [--strict]
+    PYTHONPATH=. python benchmarks/targets.py benchmarks/results/cpu.json [--strict]
 
 Prints one line per target: the rows it covers, the worst of them, and whether it holds. The CPU
 targets are issue 2's and 7's (on GPT-2-small gradients and the many-tensor lists), the GPU

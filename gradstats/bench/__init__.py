@@ -8,6 +8,7 @@ Uses only gradstats' public API (gradstats.__all__), as a user's script would.
 - presets: the parameter shapes of real models
 - timing: interleaved timing of the sides
 - report: the JSON file, the markdown table and the progress line
+- plot: the PNG of --plot (needs matplotlib)
 - env: the machine, the versions and the build
 """
 
