@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -65,6 +66,26 @@ def _run_module(*args: str) -> subprocess.CompletedProcess:
         cwd=ROOT,
         timeout=SUBPROCESS_TIMEOUT_S,
     )
+
+
+def test_bench_uses_only_the_public_api():
+    """gradstats.bench is a user of gradstats: __all__ names only, no private module."""
+    public = {*gradstats.__all__, "__file__"}
+    used = []
+    for path in sorted((ROOT / "gradstats" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "gradstats":
+                used += [(path.name, alias.name) for alias in node.names if alias.name != "bench"]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradstats."):
+                used.append((path.name, node.module))
+            elif isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "gradstats":
+                used.append((path.name, node.attr))
+    private = [
+        (name, what)
+        for name, what in used
+        if what not in public and what.split(".")[:2] != ["gradstats", "bench"]
+    ]
+    assert used and not private
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SIZES))

@@ -32,7 +32,7 @@ from gradstats.bench.cases import (
     stats_case,
 )
 from gradstats.bench.presets import LLAMA_LAYERS, Preset, make_preset
-from gradstats.bench.report import Progress, Row, accuracy_notes, write_json
+from gradstats.bench.report import MIB, Progress, Row, accuracy_notes, is_busy, write_json
 from gradstats.bench.timing import Timer, Timings, count_syncs, measure
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,10 +110,10 @@ class Runner:
         summary = (
             f"Median of {repeats} repeats after {c.warmup} warm-up calls, per side, interleaved "
             f"in one process ({timing}); inputs rotate over copies spanning >= {FLUSH_CACHES}x "
-            f"the {self.cache_bytes >> 20} MiB last-level cache (or, for sets that would need more "
-            f"than {MAX_SLOTS} copies, an untimed sweep of that size after each call); "
+            f"the {self.cache_bytes // MIB} MiB last-level cache (or, for sets that would need "
+            f"more than {MAX_SLOTS} copies, an untimed sweep of that size after each call); "
             f"garbage collector off while timing; floor: {floor} over max(gradients, "
-            f"{self.floor_min_bytes >> 20} MiB), timed in the same loop; GB/s: bytes that must "
+            f"{self.floor_min_bytes // MIB} MiB), timed in the same loop; GB/s: bytes that must "
             "move (one read of the gradients for stats and for nothing to clip, three passes when"
             " clipping, plus the AdamW step's 4 reads and 3 writes) over the gradstats time."
         )
@@ -237,15 +237,12 @@ class Runner:
             row = self.time_once(preset, dtype_name, case, floor_bytes)
             if best is None or _other_share(row) < _other_share(best):
                 best = row
-            if not self.is_busy(best):
+            if not is_busy(best, self.config.busy_share):
                 break
         best["attempts"] = attempt + 1
-        best["busy"] = self.is_busy(best)
+        best["busy"] = is_busy(best, self.config.busy_share)
         self.repeats_used.add(best["repeats"])
         return best
-
-    def is_busy(self, row: Row) -> bool:
-        return _other_share(row) > self.config.busy_share
 
     def time_once(self, preset: Preset, dtype_name: str, case: Case, floor_bytes: int) -> Row:
         c = self.config
