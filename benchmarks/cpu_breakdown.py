@@ -28,9 +28,9 @@ import torch
 
 import gradstats
 from gradstats import ops
-from gradstats.bench_env import cpu_cache_bytes
-from gradstats.bench_presets import gpt2_small
-from gradstats.stats import collect_grads
+from gradstats._core import collect_grads
+from gradstats.bench.env import cpu_cache_bytes
+from gradstats.bench.presets import gpt2_small
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_RESIDENT_ELEMS = 1 << 20  # 4 MB in float32: in the last-level cache, not in memory

@@ -11,8 +11,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Exit status: 0 when every step that ran passed, 1 otherwise (a missing sanitizer or benchmark
-# is reported, not failed).
+# Exit status: 0 when every step that ran passed, 1 otherwise (a missing sanitizer is reported,
+# not failed).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then

@@ -1,12 +1,13 @@
 """Keeps the README's benchmark tables generated from the committed results.
 
-    python benchmarks/readme_table.py benchmarks/results/cpu.json                   # print it
-    python benchmarks/readme_table.py benchmarks/results/cpu.json --update README.md
-    python benchmarks/readme_table.py benchmarks/results/cpu.json --check README.md
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json            # print it
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json --update README.md
+    PYTHONPATH=. python benchmarks/readme_table.py benchmarks/results/cpu.json --check README.md
 
 The README holds the block between `<!-- gradstats-bench:NAME -->` and
 `<!-- /gradstats-bench:NAME -->`, NAME being the results file's stem (cpu, gpu); --update rewrites
-it from the JSON, --check exits 1 when it differs (for CI).
+it from the JSON, --check exits 1 when it differs (for CI). Rows the benchmark marked busy (timed
+while other processes used the machine) stay out of the table; a line under it names them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from gradstats.bench_report import markdown, read_json
+from gradstats.bench.report import markdown, read_json
 
 
 def block(results: Path) -> str:

@@ -4,6 +4,8 @@
 # Extra arguments go to the benchmark (e.g. --preset all, --threads 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# targets.py reads the results with gradstats.bench: this checkout's, not another installed one.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -m gradstats bench --device cpu --json benchmarks/results/cpu.json \
   --plot benchmarks/results/cpu.png "$@"
 python benchmarks/targets.py benchmarks/results/cpu.json

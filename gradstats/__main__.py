@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gradstats import bench, bench_env
+from gradstats import bench
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,13 +18,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_parser = commands.add_parser(
         "bench",
         help="time gradstats against torch.nn.utils on real models' gradient shapes",
-        description=bench.__doc__,
+        description=bench.DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_arguments(bench_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
-        print("\n".join(bench_env.info_lines()))
+        print("\n".join(bench.info_lines()))
         return 0
     return bench.run(args)
 

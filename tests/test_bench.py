@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 import gradstats
 from gradstats import bench
-from gradstats.bench_presets import PRESET_NAMES, make_preset
+from gradstats.bench import env, plot, report, runner
+from gradstats.bench.cases import SCENARIOS
+from gradstats.bench.presets import PRESET_NAMES, make_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--device", "cpu", "--preset", "many-tiny", "--no-progress"]
+# --busy-share 1: a smoke run on a shared machine keeps its rows however busy the machine is.
+QUICK = [
+    "--quick",
+    "--device",
+    "cpu",
+    "--preset",
+    "many-tiny",
+    "--no-progress",
+    "--busy-share",
+    "1",
+]
 REQUIRED = (
     "preset",
     "dtype",
@@ -54,6 +68,26 @@ def _run_module(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_bench_uses_only_the_public_api():
+    """gradstats.bench is a user of gradstats: __all__ names only, no private module."""
+    public = {*gradstats.__all__, "__file__"}
+    used = []
+    for path in sorted((ROOT / "gradstats" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "gradstats":
+                used += [(path.name, alias.name) for alias in node.names if alias.name != "bench"]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradstats."):
+                used.append((path.name, node.module))
+            elif isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "gradstats":
+                used.append((path.name, node.attr))
+    private = [
+        (name, what)
+        for name, what in used
+        if what not in public and what.split(".")[:2] != ["gradstats", "bench"]
+    ]
+    assert used and not private
+
+
 @pytest.mark.parametrize("name", sorted(MODEL_SIZES))
 def test_presets_have_the_models_parameter_counts(name):
     preset = make_preset(name)
@@ -78,6 +112,7 @@ def test_bench_quick_writes_json_with_the_row_fields(tmp_path, capsys):
     assert bench.main([*QUICK, "--dtype", "float32", "bfloat16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| preset | dtype | scenario |" in printed
+    assert f"wrote results: {out}" in printed
     payload = json.loads(out.read_text())
     header, rows = payload["header"], payload["rows"]
     assert header["machine"]["cpu_threads"] >= 1
@@ -103,37 +138,37 @@ def test_markdown_and_plot_from_saved_json(tmp_path, capsys):
     assert bench.main([*QUICK, "--dtype", "float16", "--json", str(out)]) == 0
     capsys.readouterr()
     assert bench.main(["--from-json", str(out), "--plot", str(png)]) == 0
-    assert "| many-tiny | float16 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| many-tiny | float16 |" in printed
+    assert f"wrote plot: {png}" in printed
     assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_json_and_plot_paths_are_printed(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [*QUICK, "--dtype", "float32", "--scenario", "stats"]
+    assert bench.main([*args, "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote results: {out}; plot: {png}" in printed
+    assert out.exists() and png.exists()
 
 
 def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     args = [*QUICK, "--dtype", "float32", "--scenario", "stats", "--json", str(out)]
     assert bench.main(args) == 0
+    capsys.readouterr()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code = bench.main(["--from-json", str(out), "--plot", str(tmp_path / "x.png")])
     assert code == bench.EXIT_NO_PLOT
-    assert "pip install matplotlib" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "pip install matplotlib" in captured.err
+    assert "wrote" not in captured.out  # the plot it could not write is not announced
     assert not (tmp_path / "x.png").exists()
 
 
-class _ClipThenStep(torch.optim.Optimizer):
-    """A stand-in with ClipGradOptimizer's signature, for when the real one is not there yet."""
-
-    def __init__(self, inner, max_norm, norm_type=2.0, on_nonfinite="skip"):
-        self.inner, self.max_norm, self.norm_type = inner, max_norm, norm_type
-        self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, {}
-
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"]]
-        gradstats.clip_grad_norm_(params, self.max_norm, self.norm_type)
-        return self.inner.step(closure)
-
-
-def test_adamw_step_scenario(tmp_path, monkeypatch):
-    if not hasattr(gradstats, "ClipGradOptimizer"):
-        monkeypatch.setattr(gradstats, "ClipGradOptimizer", _ClipThenStep, raising=False)
+def test_adamw_step_scenario(tmp_path):
     out = tmp_path / "bench.json"
     args = [*QUICK, "--dtype", "float32", "--scenario", "adamw-step", "--json", str(out)]
     assert bench.main(args) == 0
@@ -143,14 +178,13 @@ def test_adamw_step_scenario(tmp_path, monkeypatch):
     assert "overhead_reads" in row
 
 
-def test_adamw_step_is_skipped_with_a_note_without_the_wrapper(tmp_path, monkeypatch):
-    monkeypatch.delattr(gradstats, "ClipGradOptimizer", raising=False)
+def test_scenarios_run_in_any_order(tmp_path):
+    """The gradient pool is built again after adamw-step freed it (the order the user gave)."""
     out = tmp_path / "bench.json"
-    args = [*QUICK, "--dtype", "float32", "--scenario", "stats", "adamw-step", "--json", str(out)]
+    order = list(reversed(SCENARIOS))
+    args = [*QUICK, "--dtype", "float32", "--scenario", *order, "--json", str(out)]
     assert bench.main(args) == 0
-    payload = json.loads(out.read_text())
-    assert [r["scenario"] for r in payload["rows"]] == ["stats"]
-    assert any("ClipGradOptimizer" in note for note in payload["header"]["notes"])
+    assert [r["scenario"] for r in json.loads(out.read_text())["rows"]] == order
 
 
 def test_bench_quick_as_a_module():
@@ -216,3 +250,129 @@ def test_readme_table_updates_and_checks_the_marked_block(tmp_path, monkeypatch)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("end\n")
     assert "| many-tiny | float32 | stats vs get_total_norm |" in text
+
+
+def _busy_results(tmp_path: Path) -> Path:
+    """A saved run with a busy row (a slowdown that is another process's work) and a negative
+    AdamW wrapper cost (noise); nothing is timed."""
+    rows = [
+        {**_row("gpt2-small", "float32", "stats", 1.4, 0.9), "other_cpu_share": 0.01},
+        {**_row("many-small", "float32", "clip-noop", 12.0, 0.2), "busy": False},
+        {
+            **_row("many-small", "float32", "clip", 0.13, 0.01),
+            "other_cpu_share": 0.4,
+            "busy": True,
+        },
+        {
+            **_row("gpt2-small", "float32", "adamw-step", 1.1, 0.8),
+            "device": "cuda",
+            "overhead_reads": -0.25,
+            "adamw_ms": 1.0,
+        },
+    ]
+    for row in rows:
+        row.update(gradstats_ms=1.0, torch_ms=row["speedup"], gbps=1.0)
+    header = {"machine": {"cpu_threads": 2}, "method": {"busy_share": 0.05, "busy_retries": 2}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"header": header, "rows": rows}))
+    return path
+
+
+def test_busy_rows_and_negative_costs_are_not_published(tmp_path):
+    header, rows = report.read_json(_busy_results(tmp_path))
+    text = report.markdown(header, rows)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(
+        line.startswith("| gpt2-small | float32 | stats vs get_total_norm |") for line in table
+    )
+    assert not any(line.startswith("| many-small | float32 | clip that clips |") for line in table)
+    assert "0.13x" not in text
+    left_out = next(line for line in text.splitlines() if line.startswith("Left out:"))
+    assert "1 row measured while other processes used more than 5% of the 2 CPUs" in left_out
+    assert "many-small float32 clip that clips (40%)" in left_out
+    assert "noise (< 0)" in text and "-0.25" not in text
+
+
+def test_rows_without_the_busy_flag_are_judged_by_their_share():
+    assert report.is_busy({"other_cpu_share": 0.3})
+    assert not report.is_busy({"other_cpu_share": 0.01})
+    assert not report.is_busy({"other_cpu_share": 0.3, "busy": False})  # the run's own verdict
+
+
+def test_readme_table_leaves_busy_rows_out(tmp_path, monkeypatch):
+    readme_table = _load_script("readme_table", monkeypatch)
+    block = readme_table.block(_busy_results(tmp_path))
+    assert "| many-small | float32 | clip, nothing to clip |" in block
+    assert "| many-small | float32 | clip that clips |" not in block
+    assert "Left out: 1 row" in block
+
+
+def test_targets_leave_busy_rows_and_noise_out_of_the_claims(tmp_path, capsys, monkeypatch):
+    targets = _load_script("targets", monkeypatch)
+    assert targets.main([str(_busy_results(tmp_path)), "--strict"]) == 1  # float32 stats misses
+    out = capsys.readouterr().out
+    assert "| many tensors: clip_grad_norm_ >= 10x | 1 | 12.00x | many-small float32 " in out
+    assert "0.13x" not in out
+    assert "Left out: 1 row" in out and "many-small float32 clip that clips (40%)" in out
+    cost = next(line for line in out.splitlines() if line.startswith("| ClipGradOptimizer costs"))
+    assert "noise (< 0)" in cost and "-0.25" not in cost and cost.endswith("| - |")
+
+
+class _Load:
+    """Stands in for env.OtherLoad: other processes' shares, one per timing, from a script."""
+
+    shares: ClassVar[list[float]] = []
+
+    def start(self) -> None:
+        pass
+
+    def share(self) -> float:
+        return _Load.shares.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("shares", "attempts", "busy", "kept"),
+    [
+        ([0.5, 0.0], 2, False, 0.0),  # quiet on the second try
+        ([0.5, 0.3, 0.4], 1 + runner.BUSY_RETRIES, True, 0.3),  # busy throughout: least busy kept
+        ([0.01], 1, False, 0.01),
+    ],
+)
+def test_busy_rows_are_timed_again_then_marked(tmp_path, monkeypatch, shares, attempts, busy, kept):
+    monkeypatch.setattr(env, "OtherLoad", _Load)
+    monkeypatch.setattr(_Load, "shares", list(shares))
+    monkeypatch.setattr(runner, "BUSY_PAUSE_S", 0.0)
+    out = tmp_path / "bench.json"
+    args = [*QUICK, "--busy-share", "0.05", "--dtype", "float32", "--scenario", "stats"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["attempts"], row["busy"], row["other_cpu_share"]) == (attempts, busy, kept)
+    assert _Load.shares == []
+
+
+def test_plot_axes_cover_every_bar_and_the_legend_covers_none():
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    rows = [
+        {**_row("gpt2-small", "float32", scenario, speedup, fraction), "busy": False}
+        for scenario, speedup, fraction in (
+            ("stats", 1.4, 0.9),
+            ("clip-noop", 40.0, 0.95),
+            ("clip", 0.7, 1.3),
+            ("adamw-step", 1.1, 1.1),
+        )
+    ]
+    rows.append({**_row("many-small", "float32", "clip", 500.0, 9.0), "busy": True})
+    fig = plot.figure({}, rows)
+    try:
+        top, bottom = fig.axes
+        low, high = top.get_ylim()
+        assert low < 0.7 and high > 40.0  # the busy row's 500x is left out, not plotted
+        assert high < 500.0
+        assert bottom.get_ylim()[1] > 130.0
+        fig.canvas.draw()
+        (legend,) = fig.legends
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in (top, bottom))
+        assert len(legend.get_texts()) == len(SCENARIOS)  # one entry each, not one per panel
+    finally:
+        pyplot.close(fig)

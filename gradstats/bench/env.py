@@ -13,14 +13,15 @@ from typing import Any
 import torch
 
 import gradstats
-from gradstats import ops
-from gradstats._cpuinfo import has_avx2
 
 _CPU_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 _SMI_TIMEOUT_S = 10
 # Used when the last-level cache size cannot be read (a generous server L3).
 FALLBACK_CACHE_BYTES = 64 << 20
-_SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+KIB = 1 << 10
+_SIZE_SUFFIX = {"K": KIB, "M": 1 << 20, "G": 1 << 30}
+# The /proc/cpuinfo flags each CPU ISA of the build (gradstats.BUILD_INFO["cpu_isa"]) needs.
+ISA_FLAGS = {"avx2": ("avx2", "fma", "f16c")}
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -32,6 +33,12 @@ def _cpuinfo_field(name: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU has the features of a build's CPU ISA (every CPU runs the default one)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return all(flag in flags for flag in ISA_FLAGS.get(isa, ()))
 
 
 def cpu_model() -> str:
@@ -110,14 +117,27 @@ class OtherLoad:
         return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
-def memory_bytes() -> int | None:
+def _meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field (given there in KiB), in bytes."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * KIB
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def memory_bytes() -> int | None:
+    return _meminfo_bytes("MemTotal")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the benchmark can still allocate on the device (None where unknown)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the allocator count as free
+        return torch.cuda.mem_get_info(device)[0]
+    return _meminfo_bytes("MemAvailable")
 
 
 def nvidia_driver() -> str | None:
@@ -174,6 +194,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def has_cuda_kernels() -> bool:
+    """Whether this build registered CUDA kernels (whether or not a GPU is visible)."""
+    return "CUDA" in gradstats.kernel_devices()["stats"]
+
+
 def versions() -> dict[str, Any]:
     built = gradstats.BUILD_INFO
     return {
@@ -182,8 +207,8 @@ def versions() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "built_for_torch": built["torch"],
-        "built_for_cuda": built["cuda"] or None,
-        "cuda_kernels": bool(built["cuda"]),
+        "built_for_cuda": built.get("cuda") or None,
+        "cuda_kernels": has_cuda_kernels(),
         "cpu_isa": built["cpu_isa"],
     }
 
@@ -191,7 +216,7 @@ def versions() -> dict[str, Any]:
 def info_lines() -> list[str]:
     """What `python -m gradstats info` prints: versions, build vs installed, kernels, machine."""
     v = versions()
-    build = ops.BUILD_INFO
+    build = gradstats.BUILD_INFO
     cuda_build = (
         f"yes (CUDA {v['built_for_cuda']}, archs {build.get('cuda_archs') or 'default'})"
         if v["cuda_kernels"]
@@ -202,7 +227,7 @@ def info_lines() -> list[str]:
         gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         driver = nvidia_driver()
         gpu += f", driver {driver}" if driver else ""
-    isa_ok = "yes" if v["cpu_isa"] != "avx2" or has_avx2() else "NO"
+    isa_ok = "yes" if cpu_supports(v["cpu_isa"]) else "NO"
     lines = [
         f"gradstats {v['gradstats']} ({Path(gradstats.__file__).parent})",
         f"python {v['python']}",
@@ -216,6 +241,6 @@ def info_lines() -> list[str]:
         f"torch uses {torch.get_num_threads()}",
         "kernels:",
     ]
-    for op, keys in ops.kernel_devices().items():
+    for op, keys in gradstats.kernel_devices().items():
         lines.append(f"  gradstats::{op:<8} {', '.join(keys) or 'none'}")
     return lines

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 import gradstats
-from gradstats.bench_presets import Preset
-from gradstats.bench_timing import Pool, Side
+from gradstats.bench.presets import Preset
+from gradstats.bench.timing import Pool, Side
 
 SCENARIOS = ("stats", "clip-noop", "clip", "adamw-step")
 SCENARIO_TITLES = {
@@ -158,6 +158,11 @@ class Context:
     apex: Callable[[list[Tensor]], object] | None = None
 
 
+def reference_norm(views: list[Tensor]) -> float:
+    """The L2 norm of the tensors, in float64, one tensor at a time (bounded scratch memory)."""
+    return math.sqrt(sum(float(v.double().square().sum()) for v in views))
+
+
 def norm_error(what: str, side: str, norm: Tensor, ctx: Context) -> float:
     """The norm's error relative to the float64 norm; raises when gradstats' is off."""
     value = float(norm)
@@ -244,9 +249,6 @@ def optimizer_slots(ctx: Context, count: int, generator: torch.Generator) -> lis
 
 
 def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
-    wrapper = getattr(gradstats, "ClipGradOptimizer", None)
-    if wrapper is None:
-        raise BenchError("gradstats.ClipGradOptimizer is not in this version")
     max_norm = ctx.norm * CLIP_MULTIPLE
     foreach = ctx.foreach
     # Two pools (gradstats; torch and the bare step) share the flushing between them.
@@ -254,7 +256,7 @@ def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
     count = slot_count(pair_bytes, ctx.flush_bytes, 1)
     mine = optimizer_slots(ctx, count, generator)
     theirs = optimizer_slots(ctx, count, generator)
-    wrapped = [wrapper(slot.optimizer, max_norm) for slot in mine]
+    wrapped = [gradstats.ClipGradOptimizer(slot.optimizer, max_norm) for slot in mine]
 
     def restore(slots: list[OptimizerSlot]) -> Callable[[int], None]:
         return lambda s: slots[s].flat_grad.copy_(ctx.pristine)

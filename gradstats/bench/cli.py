@@ -1,0 +1,188 @@
+"""`python -m gradstats bench`: gradstats against torch.nn.utils, side by side, on real gradients.
+
+Each row times gradstats and torch on the same random gradients (a preset's real parameter shapes,
+one dtype, one scenario), interleaved in one process, next to the machine's bandwidth floor measured
+in the same loop. See gradstats.bench.cases for the scenarios and gradstats.bench.timing for the
+method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradstats.bench import env
+from gradstats.bench.cases import SCENARIOS, BenchError
+from gradstats.bench.plot import PlotUnavailable, plot
+from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
+from gradstats.bench.report import BUSY_OTHER_SHARE, Row, markdown, read_json
+from gradstats.bench.runner import BUSY_RETRIES, DTYPES, ROW_BUDGET_S, Config, Runner
+
+DESCRIPTION = __doc__
+DEFAULT_PRESETS = {
+    "cpu": ("gpt2-small", "many-small", "many-tiny"),
+    "cuda": PRESET_NAMES,
+}
+QUICK_PRESETS = ("many-tiny",)
+# Llama-3.2-1B is 1.2G values (5 GB in float32, several copies of it needed): 2 of its 16 layers
+# by default on a CPU, the whole model on a GPU.
+CPU_LLAMA_LAYERS = 2
+WARMUP = 2
+QUICK_WARMUP = 1
+QUICK_REPEATS = 3
+
+EXIT_ERROR = 1
+EXIT_NO_PLOT = 3
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    return [v for value in values or () for v in value.split(",") if v]
+
+
+def _choose(given: Sequence[str] | None, allowed: Sequence[str], default: Sequence[str], what: str):
+    names = _split(given) or list(default)
+    if "all" in names:
+        return list(allowed)
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when usable")
+    parser.add_argument(
+        "--preset",
+        nargs="+",
+        metavar="NAME",
+        help=f"{', '.join(PRESET_NAMES)} or all (default: cpu {', '.join(DEFAULT_PRESETS['cpu'])};"
+        " cuda all)",
+    )
+    parser.add_argument(
+        "--dtype", nargs="+", metavar="DTYPE", help=f"{', '.join(DTYPES)} or all (default all)"
+    )
+    parser.add_argument(
+        "--scenario", nargs="+", metavar="NAME", help=f"{', '.join(SCENARIOS)} or all (default all)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed calls per side (default: fitted to about {ROW_BUDGET_S:g} s per row)",
+    )
+    parser.add_argument("--warmup", type=int, help=f"untimed calls per side (default {WARMUP})")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for both sides")
+    parser.add_argument(
+        "--llama-layers",
+        type=int,
+        help=f"layers of llama-1b (default: {CPU_LLAMA_LAYERS} on cpu, {LLAMA_LAYERS} on cuda)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny inputs, 3 repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write header and rows as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG (needs matplotlib)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="run nothing: print the markdown of a saved --json file (and --plot it)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--busy-share",
+        type=float,
+        default=BUSY_OTHER_SHARE,
+        metavar="SHARE",
+        help="a row during which other processes used more than this share of the CPUs is timed"
+        f" again, up to {BUSY_RETRIES} times, then marked busy and left out of the table (default"
+        f" {BUSY_OTHER_SHARE:g}; 1 keeps every row)",
+    )
+
+
+def pick_device(requested: str | None) -> torch.device:
+    has_cuda_kernels = env.has_cuda_kernels()
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        if not has_cuda_kernels:
+            raise SystemExit(
+                "--device cuda: this gradstats build has no CUDA kernels (see python -m gradstats"
+                " info); rebuild with a CUDA toolkit and a CUDA build of torch"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    if requested is None and torch.cuda.is_available() and has_cuda_kernels:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    default_presets = QUICK_PRESETS if args.quick else DEFAULT_PRESETS[device.type]
+    default_layers = LLAMA_LAYERS if device.type == "cuda" else CPU_LLAMA_LAYERS
+    return Config(
+        device=device,
+        presets=_choose(args.preset, PRESET_NAMES, default_presets, "preset"),
+        dtypes=_choose(args.dtype, list(DTYPES), list(DTYPES), "dtype"),
+        scenarios=_choose(args.scenario, SCENARIOS, SCENARIOS, "scenario"),
+        warmup=args.warmup if args.warmup is not None else QUICK_WARMUP if args.quick else WARMUP,
+        repeats=args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else None,
+        llama_layers=args.llama_layers or default_layers,
+        quick=args.quick,
+        seed=args.seed,
+        progress=not args.no_progress,
+        json_path=args.json,
+        busy_share=args.busy_share,
+    )
+
+
+def report(
+    header: dict[str, Any], rows: list[Row], plot_path: Path | None, json_path: Path | None = None
+) -> int:
+    """Prints the markdown, writes the plot, then says which files were written."""
+    print(markdown(header, rows))
+    written = [] if json_path is None else [f"results: {json_path}"]
+    status = 0
+    if plot_path is not None:
+        try:
+            plot(plot_path, header, rows)
+            written.append(f"plot: {plot_path}")
+        except PlotUnavailable as err:
+            print(f"gradstats bench: {err}", file=sys.stderr)
+            status = EXIT_NO_PLOT
+    if written:
+        print("\nwrote " + "; ".join(written))
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark the parsed arguments ask for (or reports a saved run); the exit status."""
+    if args.from_json is not None:
+        header, rows = read_json(args.from_json)
+        return report(header, rows, args.plot)
+    config = make_config(args)
+    runner = Runner(config)
+    try:
+        runner.run()
+    except BenchError as err:
+        saved = config.json_path is not None and runner.rows
+        kept = f" (the rows before it are in {config.json_path})" if saved else ""
+        print(f"gradstats bench: {err}{kept}", file=sys.stderr)
+        return EXIT_ERROR
+    runner.save()
+    return report(runner.header(), runner.rows, args.plot, config.json_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradstats bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,251 @@
+"""Benchmark output: the JSON file, the markdown table (also from a saved JSON), the progress line.
+
+JSON layout: {"schema": 1, "header": {...machine, versions, method, notes...}, "rows": [...]},
+one row per (preset, dtype, scenario) with at least preset, dtype, scenario, device, gradstats_ms,
+torch_ms, speedup, gbps and floor_fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradstats.bench.cases import OURS_RTOL, SCENARIO_TITLES
+
+SCHEMA_VERSION = 1
+MIB = 1 << 20
+GIB = 1 << 30
+PERCENT = 100
+# A baseline whose norm is further than this from the float64 norm gets a note under the table.
+BASELINE_NOTE_ERROR = 1e-2
+BASELINES = ("torch", "apex")
+# A row during which other processes used more than this share of the CPUs is timed again, and
+# left out of the results if it stays that busy (the default of --busy-share).
+BUSY_OTHER_SHARE = 0.05
+PROGRESS_LINE_WIDTH = 60
+# What a cost measured below zero shows instead of a number, and the note that explains it.
+NOISE = "noise (< 0)"
+NOISE_NOTE = (
+    f"{NOISE}: the wrapper measured faster than the bare AdamW step it contains, which is timing "
+    "noise, not a negative cost."
+)
+
+Row = dict[str, Any]
+Header = dict[str, Any]
+
+
+class Progress:
+    """A tqdm bar on stderr when tqdm is installed, else one plain line per row."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+
+    def start(self, label: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description(label)
+        else:
+            end = "\r" if sys.stderr.isatty() else "\n"
+            line = f"[{self.done + 1}/{self.total}] {label}"
+            print(line.ljust(PROGRESS_LINE_WIDTH), end=end, file=sys.stderr)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def accuracy_notes(rows: list[Row]) -> list[str]:
+    """One note per (preset, dtype, baseline) whose norm was far from the float64 norm."""
+    worst: dict[tuple[str, str, str], float] = {}
+    for row in rows:
+        for side in BASELINES:
+            error = row.get(f"{side}_norm_error")
+            if error is not None and error > BASELINE_NOTE_ERROR:
+                key = (row["preset"], row["dtype"], side)
+                worst[key] = max(worst.get(key, 0.0), error)
+    return [
+        f"{preset} {dtype}: {side}'s norm is {error * PERCENT:.1f}% off the float64 norm "
+        f"(gradstats' within {OURS_RTOL:g})"
+        for (preset, dtype, side), error in worst.items()
+    ]
+
+
+def busy_share(header: Header) -> float:
+    """The share of the CPUs other processes could use before a row counted as busy."""
+    return header.get("method", {}).get("busy_share", BUSY_OTHER_SHARE)
+
+
+def is_busy(row: Row, share: float = BUSY_OTHER_SHARE) -> bool:
+    """Whether the row was measured while other processes used the machine: its numbers are then
+    noise, not a result. Rows from before the flag existed are judged by their other_cpu_share."""
+    if "busy" in row:
+        return bool(row["busy"])
+    return (row.get("other_cpu_share") or 0.0) > share
+
+
+def published(header: Header, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """The rows that are results, and the busy ones left out."""
+    share = busy_share(header)
+    busy = [row for row in rows if is_busy(row, share)]
+    return [row for row in rows if not is_busy(row, share)], busy
+
+
+def busy_line(header: Header, busy: list[Row]) -> str:
+    """Which rows were left out of the results, and why."""
+    method = header.get("method", {})
+    retries = method.get("busy_retries")
+    tries = f", still after {retries} re-measurements" if retries else ""
+    names = ", ".join(
+        f"{row['preset']} {row['dtype']} {SCENARIO_TITLES.get(row['scenario'], row['scenario'])}"
+        f" ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)"
+        for row in busy
+    )
+    cpus = header.get("machine", {}).get("cpu_threads")
+    of_cpus = f"the {cpus} CPUs" if cpus else "the CPUs"
+    count = f"{len(busy)} row{'' if len(busy) == 1 else 's'}"
+    return (
+        f"Left out: {count} measured while other processes used more than "
+        f"{busy_share(header) * PERCENT:.0f}% of {of_cpus}{tries} (their timings are noise, not "
+        f"results; rerun them on an idle machine): {names}"
+    )
+
+
+def write_json(path: Path, header: Header, rows: list[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"schema": SCHEMA_VERSION, "header": header, "rows": rows}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def read_json(path: Path) -> tuple[Header, list[Row]]:
+    payload = json.loads(path.read_text())
+    if isinstance(payload, list):  # a bare list of rows
+        return {}, payload
+    return payload.get("header", {}), payload["rows"]
+
+
+def machine_line(header: Header) -> str:
+    m = header.get("machine", {})
+    if not m:
+        return "machine: unknown"
+    cpu = (
+        f"{m.get('cpu')}, {m.get('cpu_cores')} cores / {m.get('cpu_threads')} threads "
+        f"(torch uses {m.get('torch_threads')}), {m.get('cpu_cache_bytes', 0) // MIB} MiB LLC"
+    )
+    if m.get("memory_bytes"):
+        cpu += f", {m['memory_bytes'] / GIB:.0f} GiB RAM"
+    if "gpu" in m:
+        driver = m.get("driver") or "unknown"
+        gpu = f"{m['gpu']} (driver {driver}, CC {m.get('compute_capability')})"
+        return f"GPU: {gpu}; CPU: {cpu}"
+    return f"CPU: {cpu}"
+
+
+def versions_line(header: Header) -> str:
+    v = header.get("versions", {})
+    if not v:
+        return ""
+    build = f"built for torch {v.get('built_for_torch')}, CPU ISA {v.get('cpu_isa')}, " + (
+        f"CUDA kernels for CUDA {v.get('built_for_cuda')}" if v.get("cuda_kernels") else "no CUDA"
+    )
+    return (
+        f"gradstats {v.get('gradstats')} ({build}); torch {v.get('torch')} "
+        f"(CUDA {v.get('torch_cuda') or 'none'}); Python {v.get('python')}"
+    )
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < PERCENT else f"{value:.0f}"
+
+
+def _cost(reads: float) -> str:
+    """A cost in reads of the gradients; below zero it is timing noise, never a number."""
+    return NOISE if reads < 0 else f"{reads:.2f}"
+
+
+def _has(rows: list[Row], key: str) -> bool:
+    return any(row.get(key) is not None for row in rows)
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table of the rows (columns for syncs, AdamW and apex only where measured)."""
+    syncs = _has(rows, "gradstats_syncs")
+    adamw = _has(rows, "adamw_ms")
+    apex = _has(rows, "apex_ms")
+    head = [
+        "preset", "dtype", "scenario", "gradstats ms", "torch ms", "speedup", "GB/s", "of floor"
+    ]  # fmt: skip
+    if syncs:
+        head.append("syncs (ours/torch)")
+    if adamw:
+        head += ["AdamW alone ms", "wrapper cost (reads)"]
+    if apex:
+        head += ["apex ms", "vs apex"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            row["preset"],
+            row["dtype"],
+            SCENARIO_TITLES.get(row["scenario"], row["scenario"]),
+            _fmt_ms(row["gradstats_ms"]),
+            _fmt_ms(row["torch_ms"]),
+            f"{row['speedup']:.2f}x",
+            f"{row['gbps']:.1f}",
+            f"{row['floor_fraction'] * PERCENT:.0f}%",
+        ]
+        if syncs:
+            cells.append(f"{row.get('gradstats_syncs', '-')}/{row.get('torch_syncs', '-')}")
+        if adamw:
+            has = row.get("adamw_ms") is not None
+            cells += [
+                _fmt_ms(row["adamw_ms"]) if has else "",
+                _cost(row["overhead_reads"]) if has else "",
+            ]
+        if apex:
+            has = row.get("apex_ms") is not None
+            cells += [
+                _fmt_ms(row["apex_ms"]) if has else "",
+                f"{row['speedup_vs_apex']:.2f}x" if has else "",
+            ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(header: Header, rows: list[Row]) -> str:
+    """Header lines (machine, versions, method), the table, then the notes."""
+    device = header.get("device", rows[0]["device"] if rows else "?")
+    date = f" ({header['date']})" if "date" in header else ""
+    lines = [f"**gradstats bench on {device}**{date}: {machine_line(header)}"]
+    versions = versions_line(header)
+    if versions:
+        lines += ["", f"Versions: {versions}"]
+    summary = header.get("method", {}).get("summary")
+    if summary:
+        lines += ["", f"Method: {summary}"]
+    results, busy = published(header, rows)
+    lines += ["", table(results)]
+    if busy:
+        lines += ["", busy_line(header, busy)]
+    if any((row.get("overhead_reads") or 0.0) < 0 for row in results):
+        lines += ["", NOISE_NOTE]
+    notes = header.get("notes", [])
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
