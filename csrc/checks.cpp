@@ -2,13 +2,43 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/view_as_real.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <string>
 
 namespace gradstats {
+
+const std::vector<std::pair<const char*, const char*>>& argument_messages() {
+  static const std::vector<std::pair<const char*, const char*>> table = {
+      {"norm_type",
+       "norm_type must be a number: any p (0 counts nonzero elements; p < 0 as "
+       "torch.linalg.vector_norm), inf or -inf, but not NaN"},
+      {"max_norm", "max_norm must be a non-negative number (or inf)"},
+      {"on_nonfinite", "the op's on_nonfinite must be 'propagate', 'skip' or 'zero'"},
+  };
+  return table;
+}
+
+namespace {
+
+const char* message(const char* key) {
+  for (const auto& [k, text] : argument_messages()) {
+    if (std::string(k) == key) return text;
+  }
+  TORCH_INTERNAL_ASSERT(false, "no message for ", key);
+}
+
+}  // namespace
+
+bool is_walkable(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) return true;
+  Layout layout;
+  return make_layout(t.sizes().data(), t.strides().data(), static_cast<int>(t.dim()), layout);
+}
 
 std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write) {
   TORCH_CHECK(!tensors.empty(), "gradstats.", op,
@@ -42,9 +72,32 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
                   "place would scale those elements more than once. Pass a tensor that owns its "
                   "memory (.clone())");
     }
+    // A view with more dimensions that cannot be merged than the kernels' walks hold is read
+    // through a contiguous copy; scale_ writes it in place with ATen ops (scale_unwalkable).
+    if (!write && !is_walkable(real)) real = real.contiguous();
     out.push_back(std::move(real));
   }
   return out;
+}
+
+void scale_unwalkable(const std::vector<at::Tensor>& tensors, const at::Tensor& coef,
+                      const std::optional<at::Tensor>& zero_nonfinite) {
+  at::Tensor factor;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (is_walkable(t)) continue;
+    if (!factor.defined()) {
+      // As the kernels: scaled only when coef < 1 (or NaN, which propagates); by 1 otherwise,
+      // which leaves every value as it was. Decided on the device, without a sync.
+      const at::Tensor clips = coef.lt(1).logical_or(coef.isnan());
+      factor = at::where(clips, coef, at::ones_like(coef));
+    }
+    if (zero_nonfinite.has_value()) {
+      const at::Tensor holds = zero_nonfinite->select(0, static_cast<int64_t>(i)).gt(0);
+      t.masked_fill_(t.isfinite().logical_not().logical_and(holds), 0);
+    }
+    t.mul_(factor.reshape({}));
+  }
 }
 
 Layout tensor_layout(const at::Tensor& t, int64_t index, const char* op) {
@@ -57,17 +110,20 @@ Layout tensor_layout(const at::Tensor& t, int64_t index, const char* op) {
 }
 
 NormSpec parse_norm_type(double norm_type) {
-  TORCH_CHECK(norm_type > 0.0, "gradstats: norm_type must be > 0 or inf; got ", norm_type,
-              " (norm_type 0 and -inf are not supported)");
+  TORCH_CHECK(!std::isnan(norm_type), "gradstats: ", message("norm_type"), "; got ", norm_type);
   return make_norm_spec(norm_type);
+}
+
+double parse_max_norm(double max_norm) {
+  TORCH_CHECK(max_norm >= 0.0, "gradstats: ", message("max_norm"), "; got ", max_norm);
+  return max_norm;
 }
 
 Nonfinite parse_nonfinite(c10::string_view name) {
   if (name == "propagate") return Nonfinite::kPropagate;
   if (name == "skip") return Nonfinite::kSkip;
   if (name == "zero") return Nonfinite::kZero;
-  TORCH_CHECK(false, "gradstats.stats: on_nonfinite must be 'propagate', 'skip' or 'zero'; got '",
-              std::string(name), "'");
+  TORCH_CHECK(false, "gradstats: ", message("on_nonfinite"), "; got '", std::string(name), "'");
 }
 
 DType dtype_tag(at::ScalarType type) {
@@ -85,16 +141,17 @@ DType dtype_tag(at::ScalarType type) {
   }
 }
 
-at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors) {
+at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors, bool wide) {
+  if (wide) return at::kDouble;
   for (const auto& t : tensors) {
     if (t.scalar_type() == at::kDouble) return at::kDouble;
   }
   return at::kFloat;
 }
 
-StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors) {
+StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors, bool wide) {
   const auto n = static_cast<int64_t>(tensors.size());
-  const auto opts = tensors[0].options().dtype(norm_dtype(tensors));
+  const auto opts = tensors[0].options().dtype(norm_dtype(tensors, wide));
   return StatsOutputs{at::empty({}, opts), at::empty({}, opts), at::empty({n}, opts),
                       at::empty({kCountRows, n + 1}, opts.dtype(at::kLong))};
 }
@@ -125,7 +182,7 @@ namespace {
 // Sparse tensors dispatch to their own keys, where no kernel would otherwise exist: these kernels
 // run the common checks, which reject them with a message that says what to pass instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_sparse_stats(
-    at::TensorList tensors, double, double, c10::string_view) {
+    at::TensorList tensors, double, double, c10::string_view, bool) {
   prepare_tensors(tensors, "stats", /*write=*/false);
   TORCH_CHECK(false, "gradstats.stats: unsupported tensor layout");
 }

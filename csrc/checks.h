@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "layout.h"
@@ -13,21 +14,37 @@
 
 namespace gradstats {
 
+// The messages of the scalar argument checks, by argument: the ops raise "gradstats: <text>; got
+// <value>", and the Python API and the fakes raise the same from this table (gradstats._C).
+const std::vector<std::pair<const char*, const char*>>& argument_messages();
+
 // The validated inputs of one call: complex tensors replaced by their real views.
-// write=true (scale_) also rejects tensors whose elements share memory.
+// write=true (scale_) also rejects tensors whose elements share memory; write=false replaces the
+// tensors the kernels cannot walk (is_walkable) by contiguous copies.
 std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write);
 
-// The walk (layout.h) of tensor `index` of a validated list. Raises when it has more than
-// kMaxLayoutDims dimensions that cannot be merged.
+// Whether the kernels walk t in place: dense, or at most kMaxLayoutDims dimensions that cannot be
+// merged (layout.h). Torch allows more; such views are rare (a tensor sliced in 17 dimensions).
+bool is_walkable(const at::Tensor& t);
+
+// scale_ of the tensors that are not walkable (the kernels skip them), with ATen ops on the
+// device: the same factor (coef when < 1 or NaN, else nothing changes) and the same zeroing.
+void scale_unwalkable(const std::vector<at::Tensor>& tensors, const at::Tensor& coef,
+                      const std::optional<at::Tensor>& zero_nonfinite);
+
+// The walk (layout.h) of tensor `index` of a validated list; raises for a tensor that is not
+// walkable, which callers never pass.
 Layout tensor_layout(const at::Tensor& t, int64_t index, const char* op);
 
 NormSpec parse_norm_type(double norm_type);
+double parse_max_norm(double max_norm);
 Nonfinite parse_nonfinite(c10::string_view name);
 DType dtype_tag(at::ScalarType type);
 
-// The dtype of the norms and the clip coefficient: float64 when any input is float64, else float32
-// (so that float16/bfloat16 norms cannot overflow).
-at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors);
+// The dtype of the norms and the clip coefficient: float64 when any input is float64 or when
+// wide (callers that combine statistics further), else float32 (so that float16/bfloat16 norms
+// cannot overflow).
+at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors, bool wide);
 
 struct StatsOutputs {
   at::Tensor total_norm;  // 0-dim, norm_dtype
@@ -36,7 +53,7 @@ struct StatsOutputs {
   at::Tensor counts;      // int64 [kCountRows, n + 1] (partial.h); column n holds the totals
 };
 
-StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors);
+StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors, bool wide);
 
 // Checks scale_'s coefficient (one floating value on the tensors' device) and its optional
 // per-tensor non-finite counts (int64 [n], same device). Returns the counts, if given.

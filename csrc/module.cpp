@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -88,6 +90,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("collect_grads", &collect_grads, "the defined .grad of each parameter");
   m.def("device_groups", &device_groups, "indices of the tensors on each device");
   m.def("grads_or_tensors", &grads_or_tensors, "what grad_stats reads of each item");
+  m.def(
+      "argument_messages",
+      [] {
+        py::dict out;
+        for (const auto& [key, text] : gradstats::argument_messages()) out[key] = text;
+        return out;
+      },
+      "the messages of the scalar argument checks, by argument (csrc/checks.cpp)");
   m.def("cpu_coef_at_least_one", &cpu_coef_at_least_one,
         "whether a CPU coefficient is >= 1; None on other devices");
 }

@@ -15,7 +15,13 @@
 
 namespace gradstats {
 
-enum class NormKind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3 };
+// The p of a p-norm, as the kernels compute it. Every norm_type torch accepts maps to one:
+//   kL1, kL2, kP: (sum |x|^p)^(1/p) for p = 1, 2 and any other p > 0;
+//   kInf:         max |x|;
+//   kZero:        the number of nonzero elements (torch's "0-norm");
+// and, with NormSpec::reciprocal, the negative orders, computed on y = 1 / |x|: for p < 0,
+// (sum |x|^p)^(1/p) = 1 / ||y||_-p, and the -inf norm min |x| = 1 / max y.
+enum class NormKind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3, kZero = 4 };
 
 // What the statistics op does with NaN/Inf elements (the Python API adds "error" on top):
 //   kPropagate: norms are NaN (any NaN) or Inf (any Inf), as torch.nn.utils computes them;
@@ -33,7 +39,8 @@ GS_HD constexpr int itemsize(DType dtype) {
 
 struct NormSpec {
   NormKind kind;
-  double p;  // 1, 2, inf or the general exponent
+  double p;         // 1, 2, inf, 0 or the general exponent, always >= 0
+  bool reciprocal;  // a negative order: the norm of y = 1 / |x|, inverted (see NormKind)
 };
 
 // Rows of the stats op's counts output, int64 [kCountRows, n + 1]; column n holds the totals.
@@ -50,56 +57,59 @@ constexpr double kClipEps = 1e-6;
 constexpr int kRescaleBits = 512;
 constexpr double kRescaleAbove = 0x1p512;
 
-// Statistics of a piece of a tensor: the sum of |x|^p over its finite elements, kept as
-// sum * 2^(p * exp) so that finite inputs never overflow (for p = inf: the largest |x|, exp = 0),
-// and the numbers of NaN and +-Inf elements.
+// Statistics of a piece of a tensor: the numbers of NaN and +-Inf elements and, over its finite
+// elements, sum * scale^p, the sum of |x|^p kept on a scale so that no finite input overflows or
+// underflows it. For p = 1, 2 the scale is a power of two (1 until the sum needs rescaling); for a
+// general p it is the largest |x| of the piece, so that the terms are at most 1 and the largest is
+// exactly 1 (no p, however large, can then lose the sum to underflow). For inf, sum is the largest
+// |x| (scale 1); for the 0 "norm", the count of nonzero elements. A reciprocal order reads y =
+// 1/|x| instead of |x|; a finite zero element makes y infinite, and sum = +inf marks it (its norm
+// is 0).
 struct Partial {
   double sum;
   int64_t nan;
   int64_t inf;
-  int32_t exp;
+  double scale;
 };
 
-GS_HD Partial empty_partial() { return Partial{0.0, 0, 0, 0}; }
+GS_HD Partial empty_partial() { return Partial{0.0, 0, 0, 1.0}; }
 
-GS_HD NormSpec make_norm_spec(double p) {
-  if (p == 1.0) return NormSpec{NormKind::kL1, 1.0};
-  if (p == 2.0) return NormSpec{NormKind::kL2, 2.0};
-  if (std::isinf(p)) return NormSpec{NormKind::kInf, p};
-  return NormSpec{NormKind::kP, p};
+GS_HD NormSpec make_norm_spec(double norm_type) {
+  const bool reciprocal = norm_type < 0.0;
+  const double p = fabs(norm_type);
+  if (p == 0.0) return NormSpec{NormKind::kZero, 0.0, false};
+  if (std::isinf(p)) return NormSpec{NormKind::kInf, p, reciprocal};
+  if (p == 1.0 && !reciprocal) return NormSpec{NormKind::kL1, 1.0, false};
+  if (p == 2.0 && !reciprocal) return NormSpec{NormKind::kL2, 2.0, false};
+  return NormSpec{NormKind::kP, p, reciprocal};
 }
 
-// |x|^p of one element (for p = inf: |x|, combined by max instead of sum).
-GS_HD double pow_term(double abs_x, NormSpec spec) {
-  switch (spec.kind) {
-    case NormKind::kL2:
-      return abs_x * abs_x;
-    case NormKind::kP:
-      return pow(abs_x, spec.p);
-    default:
-      return abs_x;
-  }
+// Whether the kernels' vectorised sums serve this norm (else every piece takes exact_partial).
+GS_HD bool has_fast_path(NormSpec spec) {
+  return !spec.reciprocal &&
+         (spec.kind == NormKind::kL1 || spec.kind == NormKind::kL2 || spec.kind == NormKind::kInf);
 }
 
-// The multiplier 2^(p * k) that moves k powers of two between a sum and its exponent.
-GS_HD double exp_factor(int32_t k, NormSpec spec) {
+// r^p for a ratio r <= 1 of two scales: exact for the powers of two of p = 1, 2.
+GS_HD double scale_power(double r, NormSpec spec) {
   switch (spec.kind) {
     case NormKind::kL1:
-      return ldexp(1.0, k);
+      return r;
     case NormKind::kL2:
-      return ldexp(1.0, 2 * k);
+      return r * r;
     default:
-      return exp2(spec.p * k);
+      return pow(r, spec.p);
   }
 }
 
-// Moves powers of two from a (finite) sum into its exponent until the sum is below kRescaleAbove.
-GS_HD void rescale(double& sum, int32_t& exp, NormSpec spec) {
-  if (spec.kind == NormKind::kInf || !(sum > kRescaleAbove)) return;
-  const int32_t step = static_cast<int32_t>(ceil(kRescaleBits / spec.p));
-  while (sum > kRescaleAbove && sum <= std::numeric_limits<double>::max()) {
-    sum *= exp_factor(-step, spec);
-    exp += step;
+// Moves powers of two from a finite p = 1, 2 sum into its scale until the sum is below
+// kRescaleAbove. (General p sums are at most the element count: they never need it.)
+GS_HD void rescale(Partial& a, NormSpec spec) {
+  if (spec.kind != NormKind::kL1 && spec.kind != NormKind::kL2) return;
+  const int step = spec.kind == NormKind::kL1 ? kRescaleBits : kRescaleBits / 2;
+  while (a.sum > kRescaleAbove && a.sum <= std::numeric_limits<double>::max()) {
+    a.sum = ldexp(a.sum, -(spec.kind == NormKind::kL1 ? step : 2 * step));
+    a.scale = ldexp(a.scale, step);
   }
 }
 
@@ -111,57 +121,116 @@ GS_HD void combine(Partial& acc, const Partial& x, NormSpec spec) {
     acc.sum = fmax(acc.sum, x.sum);
     return;
   }
-  if (x.exp == acc.exp) {
-    acc.sum += x.sum;
-  } else if (x.exp > acc.exp) {
-    acc.sum = acc.sum * exp_factor(acc.exp - x.exp, spec) + x.sum;
-    acc.exp = x.exp;
-  } else {
-    acc.sum += x.sum * exp_factor(x.exp - acc.exp, spec);
+  if (spec.kind == NormKind::kZero || x.sum == 0.0) {
+    acc.sum += x.sum;  // counts add; an empty x adds nothing
+    return;
   }
-  rescale(acc.sum, acc.exp, spec);
+  if (acc.sum == 0.0) {
+    acc.sum = x.sum;  // acc held nothing yet: take x on its own scale
+    acc.scale = x.scale;
+    return;
+  }
+  if (std::isinf(x.sum) || std::isinf(acc.sum)) {
+    acc.sum = std::numeric_limits<double>::infinity();  // a reciprocal order met a zero: norm 0
+    return;
+  }
+  if (x.scale > acc.scale) {
+    acc.sum = acc.sum * scale_power(acc.scale / x.scale, spec) + x.sum;
+    acc.scale = x.scale;
+  } else {
+    acc.sum += x.sum * scale_power(x.scale / acc.scale, spec);
+  }
+  rescale(acc, spec);
 }
 
-// The norm of the finite elements: (sum * 2^(p * exp))^(1/p) = sum^(1/p) * 2^exp.
-GS_HD double finite_norm(const Partial& a, NormSpec spec) {
+// The norm of the y (|x|, or 1/|x| for a reciprocal order) over the finite elements.
+GS_HD double finite_norm_of_terms(const Partial& a, NormSpec spec) {
   switch (spec.kind) {
     case NormKind::kL1:
-      return ldexp(a.sum, a.exp);
+      return a.sum * a.scale;
     case NormKind::kL2:
-      return ldexp(sqrt(a.sum), a.exp);
-    case NormKind::kInf:
-      return a.sum;
+      return sqrt(a.sum) * a.scale;
+    case NormKind::kP:
+      return pow(a.sum, 1.0 / spec.p) * a.scale;
     default:
-      return ldexp(pow(a.sum, 1.0 / spec.p), a.exp);
+      return a.sum;
   }
 }
 
-// The norm the op reports: NaN/Inf as torch.nn.utils would compute them, unless zeroing.
+// The norm of the finite elements.
+GS_HD double finite_norm(const Partial& a, NormSpec spec) {
+  const double y = finite_norm_of_terms(a, spec);
+  return spec.reciprocal ? 1.0 / y : y;
+}
+
+// The norm the op reports for a tensor, as torch.linalg.vector_norm computes it unless zeroing:
+// a NaN makes it NaN, except for the 0 "norm", which counts NaN and Inf as nonzero; an Inf makes a
+// p > 0 norm Inf, and adds nothing to a negative order's (|inf|^p = 0, and min |x| ignores it).
 GS_HD double reported_norm(const Partial& a, NormSpec spec, Nonfinite policy) {
   if (policy != Nonfinite::kZero) {
+    if (spec.kind == NormKind::kZero) return a.sum + static_cast<double>(a.nan + a.inf);
     if (a.nan > 0) return std::numeric_limits<double>::quiet_NaN();
-    if (a.inf > 0) return std::numeric_limits<double>::infinity();
+    if (a.inf > 0 && !spec.reciprocal) return std::numeric_limits<double>::infinity();
   }
   return finite_norm(a, spec);
 }
 
+// What a tensor adds to the call's total: its partial (the total is the norm of all elements, which
+// is the norm of the tensors' norms), except for the 0 "norm", whose total torch takes as the
+// 0 "norm" of the per-tensor norms: the number of tensors with a nonzero norm.
+GS_HD Partial total_term(const Partial& tensor, NormSpec spec, Nonfinite policy) {
+  if (spec.kind != NormKind::kZero) return tensor;
+  Partial r = tensor;
+  r.sum = reported_norm(tensor, spec, policy) != 0.0 ? 1.0 : 0.0;
+  return r;
+}
+
+// The total norm the op reports, from the combined total_terms of every tensor.
+GS_HD double reported_total(const Partial& all, NormSpec spec, Nonfinite policy) {
+  return spec.kind == NormKind::kZero ? all.sum : reported_norm(all, spec, policy);
+}
+
 // min(1, max_norm / (total + eps)) in the norm's dtype T (float or double), computed as torch
 // computes it (the reciprocal, then the product) so that both clip by the same factor. A NaN norm
-// gives a NaN coefficient, as in torch; kSkip with any non-finite element gives 1 (clip nothing).
+// gives a NaN coefficient, as in torch. A finite norm beyond T's range (float32 gradients whose
+// norm exceeds 3.4e38) takes the coefficient from the exact norm: finite gradients are clipped,
+// never zeroed by an overflow. kSkip gives 1 (clip nothing) when any element is NaN/Inf or the norm
+// is.
 template <typename T>
-GS_HD T clip_coefficient(T total, double max_norm, const Partial& all, Nonfinite policy) {
-  if (policy == Nonfinite::kSkip && all.nan + all.inf > 0) return T(1);
+GS_HD T clip_coefficient(double norm, double max_norm, const Partial& all, Nonfinite policy) {
+  const T total = static_cast<T>(norm);
+  const bool total_finite = total - total == T(0);
+  if (policy == Nonfinite::kSkip && (all.nan + all.inf > 0 || !total_finite)) return T(1);
+  if (!total_finite && norm - norm == 0.0) {
+    const double exact = (1.0 / (norm + kClipEps)) * max_norm;
+    return static_cast<T>(exact < 1.0 ? exact : 1.0);
+  }
   const T coef = (T(1) / (total + T(kClipEps))) * T(max_norm);
   return (coef < T(1) || coef != coef) ? coef : T(1);
 }
 
-// Exact statistics of n elements read through load(i) -> double: counts every NaN and Inf, sums
-// |x|^p over the finite ones and, only if that plain sum overflows, sums again on the scale of the
-// largest finite element. The fast paths fall back to this for any piece that is not all finite.
+// The term an element of magnitude a adds to a p = 1, 2, 0 sum: a, a^2 or whether it is nonzero.
+GS_HD double plain_term(double a, NormSpec spec) {
+  switch (spec.kind) {
+    case NormKind::kL2:
+      return a * a;
+    case NormKind::kZero:
+      return a != 0.0 ? 1.0 : 0.0;
+    default:
+      return a;
+  }
+}
+
+// Exact statistics of n elements read through load(i) -> double: counts every NaN and Inf and,
+// over the finite ones, y = |x| (or 1/|x|): the largest y for inf; for a general p, the sum of
+// (y / max y)^p (two passes: the scale, then the sum); for p = 1, 2, 0 the plain sum, and only if
+// that overflows, the sum again on the scale of the largest y. The fast paths fall back to this for
+// any piece that is not all finite, and every piece of a general or reciprocal order comes here.
 template <typename Load>
 GS_HD Partial exact_partial(Load load, int64_t n, NormSpec spec) {
   Partial r = empty_partial();
-  double max_abs = 0.0;
+  double max_y = 0.0;
+  bool zero_y_inverse = false;  // a reciprocal order met x = 0: y = inf, the norm is 0
   for (int64_t i = 0; i < n; ++i) {
     const double x = load(i);
     if (std::isnan(x)) {
@@ -169,25 +238,37 @@ GS_HD Partial exact_partial(Load load, int64_t n, NormSpec spec) {
     } else if (std::isinf(x)) {
       ++r.inf;
     } else {
-      const double a = fabs(x);
-      max_abs = fmax(max_abs, a);
-      r.sum = spec.kind == NormKind::kInf ? fmax(r.sum, a) : r.sum + pow_term(a, spec);
+      const double y = spec.reciprocal ? 1.0 / fabs(x) : fabs(x);
+      zero_y_inverse = zero_y_inverse || std::isinf(y);
+      max_y = fmax(max_y, y);
+      if (spec.kind != NormKind::kP) {
+        r.sum = spec.kind == NormKind::kInf ? fmax(r.sum, y) : r.sum + plain_term(y, spec);
+      }
     }
   }
-  if (spec.kind == NormKind::kInf || std::isfinite(r.sum)) {
-    rescale(r.sum, r.exp, spec);
+  if (zero_y_inverse && spec.kind != NormKind::kInf) {
+    r.sum = std::numeric_limits<double>::infinity();
     return r;
   }
-  int32_t e = 0;
-  frexp(max_abs, &e);  // max_abs = m * 2^e with m in [0.5, 1): every scaled term is <= 1
+  if (spec.kind == NormKind::kInf || spec.kind == NormKind::kZero || max_y == 0.0) return r;
+  if (spec.kind != NormKind::kP && std::isfinite(r.sum)) {
+    rescale(r, spec);
+    return r;
+  }
+  // The sum on the scale of the largest y: a power of two for p = 1, 2 (their sums stay exact
+  // multiples), max y itself for a general p (the largest term is then exactly 1).
+  int e = 0;
+  frexp(max_y, &e);  // max_y = m * 2^e with m in [0.5, 1)
+  r.scale = spec.kind == NormKind::kP ? max_y : ldexp(1.0, e);
   double scaled = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double x = load(i);
-    if (std::isfinite(x)) scaled += pow_term(ldexp(fabs(x), -e), spec);
+    if (!std::isfinite(x)) continue;
+    const double y = (spec.reciprocal ? 1.0 / fabs(x) : fabs(x)) / r.scale;
+    scaled += spec.kind == NormKind::kP ? pow(y, spec.p) : plain_term(y, spec);
   }
   r.sum = scaled;
-  r.exp = e;
-  rescale(r.sum, r.exp, spec);
+  rescale(r, spec);
   return r;
 }
 

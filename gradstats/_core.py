@@ -79,6 +79,13 @@ class GradStats:
         return self.counts[NONFINITE_ROW, :-1]
 
     @property
+    def any_nonfinite(self) -> Tensor:
+        """Whether any element is NaN/Inf or the total norm is not finite (0-dim bool): what
+        on_nonfinite="skip" skips and "error" raises on. The norm alone can be Inf for finite
+        gradients, when it exceeds the float32 range (3.4e38)."""
+        return (self.nonfinite_count > 0) | ~torch.isfinite(self.total_norm)
+
+    @property
     def nan_counts(self) -> Tensor:
         return self.counts[NAN_ROW, :-1]
 
@@ -116,21 +123,23 @@ class GradStats:
 
 
 def check_norm_type(norm_type: float | str) -> float:
+    """Any p torch.linalg.vector_norm takes: p > 0, 0, p < 0, inf, -inf; not NaN."""
     try:
         p = float(norm_type)
     except (TypeError, ValueError):
         p = math.nan
-    if not p > 0:
-        raise ValueError(
-            f"norm_type must be > 0 or inf; got {norm_type!r} (0 and -inf are not supported)"
-        )
+    if math.isnan(p):
+        raise ValueError(ops.argument_error("norm_type", norm_type))
     return p
 
 
 def check_max_norm(max_norm: float | Tensor) -> float:
-    value = float(max_norm)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"max_norm must be a non-negative number (or inf); got {max_norm!r}")
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0:
+        raise ValueError(ops.argument_error("max_norm", max_norm))
     return value
 
 
@@ -237,33 +246,64 @@ def _scatter(out: Tensor, indices: list[int], values: Tensor) -> None:
 
 
 def local_stats(
-    tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    max_norm: float,
+    on_nonfinite: str,
+    wide: bool = False,
 ) -> GradStats:
     """The statistics of this process's tensors: the fused op once per device, the devices combined
-    (one call for one device). on_nonfinite is a kernel policy (propagate, skip, zero)."""
+    (one call for one device). on_nonfinite is a kernel policy (propagate, skip, zero); wide gives
+    float64 norms and coefficient whatever the tensors (ops.norm_dtype)."""
     groups = ops.device_groups(tensors)
     if len(groups) == 1:
-        total, coef, norms, counts = ops.stats(tensors, norm_type, max_norm, on_nonfinite)
+        total, coef, norms, counts = ops.stats(tensors, norm_type, max_norm, on_nonfinite, wide)
         return GradStats(total, coef, norms, counts, norm_type)
+    # Each device's statistics in float64: a device whose float32 norm would overflow stays exact.
     results = [
-        ops.stats([tensors[i] for i in idx], norm_type, max_norm, on_nonfinite) for idx in groups
+        ops.stats([tensors[i] for i in idx], norm_type, max_norm, on_nonfinite, wide=True)
+        for idx in groups
     ]
     first = results[0][0].device
     n = len(tensors)
-    wide = any(r[0].dtype == torch.float64 for r in results)
-    dtype = torch.float64 if wide else torch.float32
-    norms = torch.empty(n, dtype=dtype, device=first)
+    norms = torch.empty(n, dtype=torch.float64, device=first)
     counts = torch.zeros(3, n + 1, dtype=torch.int64, device=first)
     device_totals = []
     for idx, (total, _, dev_norms, dev_counts) in zip(groups, results):
-        _scatter(norms, idx, dev_norms.to(first, dtype))
+        _scatter(norms, idx, dev_norms.to(first))
         _scatter(counts[:, :-1], idx, dev_counts[:, :-1].to(first))
         counts[:, -1] += dev_counts[:, -1].to(first)
-        device_totals.append(total.to(first, torch.float64))
-    # The norm of the per-device norms (in float64, which cannot overflow here) is the total norm.
-    total = torch.linalg.vector_norm(torch.stack(device_totals), norm_type).to(dtype)
-    skip = counts[NONFINITE_ROW, -1] > 0 if on_nonfinite == "skip" else None
-    return GradStats(total, clip_coef(total, max_norm, skip), norms, counts, norm_type)
+        device_totals.append(total.to(first))
+    exact = norm_of_norms(torch.stack(device_totals), norm_type)
+    dtype = ops.norm_dtype(tensors, wide)
+    total = exact.to(dtype)
+    skip = None
+    if on_nonfinite == "skip":
+        skip = (counts[NONFINITE_ROW, -1] > 0) | ~torch.isfinite(total)
+    coef = clip_coef(exact, max_norm, skip).to(dtype)
+    return GradStats(total, coef, norms.to(dtype), counts, norm_type)
+
+
+def norm_of_norms(norms: Tensor, norm_type: float) -> Tensor:
+    """The norm of the union of disjoint parts, from the parts' norms (float64; NaN propagates):
+    what the kernels compute over all elements, when the elements are on several devices or ranks.
+
+    p > 0 and p < 0 are summed on the scale of the part that dominates (the largest norm, or the
+    smallest for p < 0), so that no power overflows or underflows whatever the norms or p. The
+    0 "norm" of parts is the sum of their counts of tensors with a nonzero norm (the kernels' total
+    for p = 0); inf and -inf take the max and the min.
+    """
+    values = norms.double()
+    if norm_type == 0:
+        return values.sum()
+    if math.isinf(norm_type):
+        return values.amax() if norm_type > 0 else values.amin()
+    dominant = values.amax() if norm_type > 0 else values.amin()
+    usable = (dominant > 0) & torch.isfinite(dominant)
+    scale = torch.where(usable, dominant, torch.ones_like(dominant))
+    total = (values / scale).pow(norm_type).sum().pow(1.0 / norm_type) * scale
+    # A dominant Inf (p > 0) or 0 (p < 0, a zero element somewhere) decides the norm by itself.
+    return torch.where(usable | torch.isnan(dominant), total, dominant)
 
 
 # ------------------------------------------------------------------------------- clipping
@@ -309,12 +349,21 @@ def nonfinite_report(st: GradStats, tensors: list[Tensor], names=None) -> str:
     elsewhere = int(all_counts[NONFINITE_ROW, -1]) - int(counts[NONFINITE_ROW].sum())
     if elsewhere > 0:
         lines.append(f"  and {elsewhere} NaN/Inf elements in the gradients of other ranks")
+    if int(all_counts[NONFINITE_ROW, -1]) == 0:
+        lines.append(
+            f"  every element is finite, but their norm ({float(st.total_norm)}) is beyond the "
+            f"range of {st.total_norm.dtype} (3.4e38 for float32)"
+        )
     return "\n".join(lines)
 
 
-def raise_if_nonfinite(st: GradStats, tensors: list[Tensor], norm_type: float, names=None) -> None:
-    """The opt-in sync of error_if_nonfinite / on_nonfinite="error"; raises before any change."""
-    if int(st.nonfinite_count) == 0:
+def raise_if_nonfinite(
+    st: GradStats, tensors: list[Tensor], norm_type: float, names=None, *, norm_only: bool = False
+) -> None:
+    """The opt-in sync of on_nonfinite="error" (any NaN/Inf element or a non-finite norm) and of
+    error_if_nonfinite (norm_only: torch's rule, a NaN/Inf total norm); raises before any change."""
+    found = ~torch.isfinite(st.total_norm) if norm_only else st.any_nonfinite
+    if not bool(found):
         return
     raise RuntimeError(
         f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "

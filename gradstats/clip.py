@@ -13,6 +13,8 @@ Same signatures and return conventions as torch (2.6+). Differences, on purpose:
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +38,9 @@ from gradstats.distributed import statistics
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+# torch.nn.utils.clip_grad_norm_'s warning, word for word.
+EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
+
 
 def clip_grad_norm_(
     parameters: TensorOrTensors,
@@ -52,7 +57,10 @@ def clip_grad_norm_(
     on_nonfinite: "propagate" (torch's outcome: a NaN/Inf norm, gradients scaled by it), "skip"
     (gradients left untouched when anything is non-finite), "zero" (NaN/Inf elements set to 0, the
     rest clipped by the norm of the finite values), "error" (raise naming the offending tensors,
-    gradients untouched). error_if_nonfinite=True is "error".
+    gradients untouched). Non-finite means a NaN/Inf element or a non-finite total norm (finite
+    float32 gradients whose norm exceeds 3.4e38; the coefficient is still exact, so "propagate"
+    clips them). error_if_nonfinite=True raises, gradients untouched, on torch's rule: the total
+    norm is NaN or Inf.
 
     process_group: the ranks over which the gradients are split (ZeRO-style slices, parameters
     split across ranks); every rank gets the global norm and clips by the same coefficient, and a
@@ -62,12 +70,16 @@ def clip_grad_norm_(
     policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
     p = check_norm_type(norm_type)
     limit = check_max_norm(max_norm)
+    if isinstance(parameters, types.GeneratorType):
+        parameters = list(parameters)
+        if not parameters:
+            warnings.warn(EMPTY_GENERATOR, stacklevel=2)
     grads = collect_grads(parameters)
     if not grads and process_group is None:
         return torch.tensor(0.0)
     st = statistics(grads, p, limit, kernel_policy(policy), process_group, per_tensor=False)
     if policy == "error":
-        raise_if_nonfinite(st, grads, p)
+        raise_if_nonfinite(st, grads, p, norm_only=error_if_nonfinite)
     apply_clip(grads, st.clip_coef, st.nonfinite if policy == "zero" else None)
     return st.total_norm
 
@@ -91,7 +103,7 @@ def get_total_norm(
         return torch.tensor(0.0)
     st = statistics(items, p, math.inf, "propagate", process_group, per_tensor=False)
     if error_if_nonfinite:
-        raise_if_nonfinite(st, items, p)
+        raise_if_nonfinite(st, items, p, norm_only=True)
     return st.total_norm
 
 

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gradstats import ops
 from gradstats._core import (
     INF_ROW,
     NAN_ROW,
@@ -61,6 +62,7 @@ from gradstats._core import (
     distributed_active,
     local_stats,
     local_tensors,
+    norm_of_norms,
 )
 
 if TYPE_CHECKING:
@@ -130,26 +132,37 @@ def statistics(
     on_nonfinite: str,
     process_group: ProcessGroup | None = None,
     per_tensor: bool = True,
+    wide: bool = False,
 ) -> GradStats:
     """The statistics of the whole gradients that these tensors are this rank's share of,
     identical on every rank: global over the ranks for DTensors and with a process_group (see the
     module docstring), this process's own otherwise (_core.local_stats). on_nonfinite is a kernel
     policy (propagate, skip, zero); per_tensor=False may leave the per-tensor norms out.
 
-    The norms come back in the dtype of the local gradients (float32 on a rank without any).
+    The norms come back in the dtype of the local gradients (float32 on a rank without any), or in
+    float64 when wide. They are combined in float64, so that a float32 norm that overflows stays
+    exact in the clip coefficient.
     """
     if process_group is None and not distributed_active():
-        return local_stats(tensors, norm_type, max_norm, on_nonfinite)
+        return local_stats(tensors, norm_type, max_norm, on_nonfinite, wide)
     check_process_group(process_group)
     items = list(tensors)
     meshes = _meshes(items) if distributed_active() else []
     if not meshes and process_group is None:
-        return local_stats(items, norm_type, max_norm, on_nonfinite)
+        return local_stats(items, norm_type, max_norm, on_nonfinite, wide)
+    if not norm_type > 0:
+        raise ValueError(
+            f"gradstats: norm_type {norm_type} (0, negative or -inf) is not supported for "
+            "DTensor gradients or with a process_group: their norms are combined across ranks as "
+            "p-norms with p > 0"
+        )
     if process_group is not None:
         _check_disjoint(process_group, meshes)
     items = [_summed(t) for t in items]
     reductions, replicated = _layout(items)
-    local = _local_stats(local_tensors(items), norm_type, on_nonfinite, process_group)
+    shards = local_tensors(items)
+    dtype = ops.norm_dtype(shards, wide) if shards else ops.norm_dtype([], wide)
+    local = _local_stats(shards, norm_type, on_nonfinite, process_group)
     n = local.norms.numel()
 
     # This rank's share as disjoint parts, (p-norm in float64, NaN and Inf counts) each; the
@@ -170,11 +183,11 @@ def statistics(
         parts.append((local.total, local.counts[_SENT_ROWS, -1]))
     elif replicated:
         idx = _to_device(replicated, torch.int64, norms)
-        part = _norm_of_norms(local.finite_norms.index_select(0, idx), norm_type)
+        part = norm_of_norms(local.finite_norms.index_select(0, idx), norm_type)
         parts.append((part, local.counts[_SENT_ROWS, idx].sum(dim=1)))
 
     if parts:
-        total = _norm_of_norms(torch.stack([norm for norm, _ in parts]), norm_type)
+        total = norm_of_norms(torch.stack([norm for norm, _ in parts]), norm_type)
         total_counts = torch.stack([count for _, count in parts]).sum(dim=0)
     else:
         total, total_counts = local.total, local.counts[_SENT_ROWS, -1]
@@ -186,23 +199,26 @@ def statistics(
     if on_nonfinite != "zero":
         total = _as_reported(total, counts[:, -1])
         norms = _as_reported(norms, counts[:, :-1])
-    total_norm = total.to(local.norms.dtype)
-    skip = counts[NONFINITE_ROW, -1] > 0 if on_nonfinite == "skip" else None
-    coef = clip_coef(total_norm, max_norm, skip)
-    return GradStats(total_norm, coef, norms if per_tensor else None, counts, norm_type)
+    total_norm = total.to(dtype)
+    skip = None
+    if on_nonfinite == "skip":
+        skip = (counts[NONFINITE_ROW, -1] > 0) | ~torch.isfinite(total_norm)
+    coef = clip_coef(total, max_norm, skip).to(dtype)
+    norms = norms.to(dtype) if per_tensor else None
+    return GradStats(total_norm, coef, norms, counts, norm_type)
 
 
 def _local_stats(
     shards: list[Tensor], norm_type: float, on_nonfinite: str, process_group: ProcessGroup | None
 ) -> _Local:
     if shards:
-        st = local_stats(shards, norm_type, math.inf, on_nonfinite)
+        st = local_stats(shards, norm_type, math.inf, on_nonfinite, wide=True)
         norms, counts, total = st.norms, st.counts, st.total_norm
     else:
         device = _group_device(process_group)
-        norms = torch.zeros(0, dtype=torch.float32, device=device)
+        norms = torch.zeros(0, dtype=torch.float64, device=device)
         counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
-        total = torch.zeros((), dtype=torch.float32, device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
     return _Local(norms, counts, _without_nan(total), _without_nan(norms))
 
 
@@ -308,7 +324,7 @@ def _reduce(
         norms = torch.where(mask, norms, 0.0)
         counts = torch.where(mask, counts, 0)
     # The kernel's own total is exact; recombining per-tensor norms rounds each to their dtype.
-    mine = local.total if idx is None and all(red.contributes) else _norm_of_norms(norms, norm_type)
+    mine = local.total if idx is None and all(red.contributes) else norm_of_norms(norms, norm_type)
 
     k = norms.numel()
     sums_per_tensor = per_tensor and not math.isinf(norm_type)
@@ -323,7 +339,7 @@ def _reduce(
     for group in red.groups:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
 
-    total = _norm_of_norms(buffer[: red.size], norm_type)
+    total = norm_of_norms(buffer[: red.size], norm_type)
     reduced_counts = buffer[red.size : count_end].reshape(_NUM_SENT, k).to(torch.int64)
     if sums_per_tensor:
         return total, reduced_counts, buffer[count_end:].pow(1.0 / norm_type)
@@ -344,7 +360,7 @@ def _all_reduce_totals(
     buffer[dist.get_rank(process_group)] = total
     buffer[size:] = counts
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
-    return _norm_of_norms(buffer[:size], norm_type), buffer[size:].to(torch.int64)
+    return norm_of_norms(buffer[:size], norm_type), buffer[size:].to(torch.int64)
 
 
 def _as_reported(norms: Tensor, counts: Tensor) -> Tensor:
@@ -352,19 +368,6 @@ def _as_reported(norms: Tensor, counts: Tensor) -> Tensor:
     kernels report norms unless on_nonfinite="zero"."""
     nan, inf = counts[NAN_ROW] > 0, counts[INF_ROW] > 0
     return torch.where(nan, math.nan, torch.where(inf, math.inf, norms))
-
-
-def _norm_of_norms(values: Tensor, norm_type: float) -> Tensor:
-    """The p-norm of the union of disjoint parts, from their p-norms (non-negative float64).
-
-    Scaled by the largest so that no power overflows or underflows; an Inf part gives Inf."""
-    values = values.double()
-    top = values.max()
-    if math.isinf(norm_type):
-        return top
-    scale = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
-    total = (values / scale).pow(norm_type).sum().pow(1.0 / norm_type) * scale
-    return torch.where(torch.isinf(top), top, total)
 
 
 def _without_nan(norms: Tensor) -> Tensor:

@@ -14,6 +14,9 @@ from torch import Tensor
 from gradstats._build import load_library
 
 _C, BUILD_INFO = load_library()
+# The messages of the scalar argument checks, from the one table in csrc/checks.cpp: the ops, their
+# fakes and the Python API raise "gradstats: <text>; got <value>" alike.
+MESSAGES: dict[str, str] = _C.argument_messages()
 
 OP_NAMES = ("stats", "scale_")
 POLICIES = ("propagate", "skip", "zero")
@@ -74,6 +77,23 @@ def _real_dtype(t: Tensor) -> torch.dtype:
     return t.real.dtype if t.is_complex() else t.dtype
 
 
+def norm_dtype(tensors: Sequence[Tensor], wide: bool = False) -> torch.dtype:
+    """The dtype of the stats op's norms and coefficient (csrc/checks.cpp norm_dtype): float64 when
+    any tensor is float64 (or complex128) or when wide, else float32."""
+    if wide or any(_real_dtype(t) == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def argument_error(key: str, value: object) -> str:
+    """The message of a failed scalar argument check (MESSAGES), its value as the ops print it."""
+    try:
+        shown = f"{float(value):g}"
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return f"gradstats: {MESSAGES[key]}; got {shown}"
+
+
 def _check_tensors(tensors, op: str) -> None:
     """The fakes' share of the native argument checks (csrc/checks.cpp), with the same messages."""
     torch._check(len(tensors) > 0, lambda: f"gradstats.{op}: got an empty list of tensors")
@@ -95,30 +115,33 @@ def _check_tensors(tensors, op: str) -> None:
 
 
 def stats(
-    tensors: Sequence[Tensor], norm_type: float, max_norm: float, on_nonfinite: str = "propagate"
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    max_norm: float,
+    on_nonfinite: str = "propagate",
+    wide: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass over tensors of one device.
 
-    Returns (total_norm, clip_coef, norms, counts): 0-dim, 0-dim, [n] in float32 (float64 if any
-    input is float64), and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with
-    the totals in the last column.
+    Returns (total_norm, clip_coef, norms, counts): 0-dim, 0-dim, [n] in norm_dtype(tensors, wide),
+    and int64 [3, n + 1] holding NaN, Inf and NaN + Inf counts per tensor with the totals in the
+    last column.
     """
     # Statistics are not differentiated: no_grad keeps tensors that require grad (activations,
     # get_total_norm inputs) from giving outputs that pretend to be.
     with torch.no_grad():
         return torch.ops.gradstats.stats(
-            list(tensors), float(norm_type), float(max_norm), on_nonfinite
+            list(tensors), float(norm_type), float(max_norm), on_nonfinite, wide
         )
 
 
 @torch.library.register_fake("gradstats::stats")
-def _stats_fake(tensors, norm_type, max_norm, on_nonfinite):
+def _stats_fake(tensors, norm_type, max_norm, on_nonfinite, wide=False):
     _check_tensors(tensors, "stats")
-    torch._check(norm_type > 0, lambda: f"gradstats: norm_type must be > 0 or inf; got {norm_type}")
-    torch._check(on_nonfinite in POLICIES, lambda: f"on_nonfinite must be one of {POLICIES}")
-    dtype = (
-        torch.float64 if any(_real_dtype(t) == torch.float64 for t in tensors) else torch.float32
-    )
+    torch._check(norm_type == norm_type, lambda: argument_error("norm_type", norm_type))
+    torch._check(max_norm >= 0, lambda: argument_error("max_norm", max_norm))
+    torch._check(on_nonfinite in POLICIES, lambda: argument_error("on_nonfinite", on_nonfinite))
+    dtype = norm_dtype(tensors, wide)
     n = len(tensors)
     like = tensors[0]
     return (

@@ -32,18 +32,32 @@ def _real_flat64(t: Tensor) -> Tensor:
 
 
 def _finite_norm(x: Tensor, p: float) -> float:
-    if x.numel() == 0:
-        return 0.0
-    m = x.abs().max().item()
-    if m == 0.0:
-        return 0.0
-    return m * torch.linalg.vector_norm(x / m, p).item()
+    """torch.linalg.vector_norm(x, p) of finite float64 values, computed on the scale of the
+    element that dominates (the largest for p > 0, the smallest for p < 0), so that it neither
+    overflows nor underflows. An empty x has norm 0 for p > 0 and inf for p < 0 (no element)."""
+    if p == 0:
+        return float((x != 0).sum())
+    a = x.abs()
+    if a.numel() == 0:
+        return 0.0 if p > 0 else math.inf
+    if math.isinf(p):
+        return (a.max() if p > 0 else a.min()).item()
+    m = (a.max() if p > 0 else a.min()).item()
+    if m == 0.0 or math.isinf(m):
+        return m
+    return m * torch.linalg.vector_norm(a / m, p).item()
 
 
-def _reported(finite: float, nan: int, inf: int, zero: bool) -> float:
-    if not zero and nan:
+def _reported(finite: float, nan: int, inf: int, zero: bool, p: float) -> float:
+    """As torch.linalg.vector_norm reports it: the 0 "norm" counts NaN/Inf as nonzero; otherwise a
+    NaN makes the norm NaN, and an Inf makes a p > 0 norm Inf (it adds nothing for p < 0)."""
+    if zero:
+        return finite
+    if p == 0:
+        return finite + nan + inf
+    if nan:
         return math.nan
-    if not zero and inf:
+    if inf and p > 0:
         return math.inf
     return finite
 
@@ -54,6 +68,9 @@ def reference_stats(
     max_norm: float = math.inf,
     on_nonfinite: str = "propagate",
 ) -> Reference:
+    """The contract, element by element: per-tensor norms as torch.linalg.vector_norm computes
+    them, the total norm as torch.nn.utils.get_total_norm (the norm of the per-tensor norms), the
+    NaN/Inf counts, and the clip coefficient (1 under "skip" when anything is non-finite)."""
     zero = on_nonfinite == "zero"
     finite_norms, nans, infs = [], [], []
     for t in tensors:
@@ -61,10 +78,13 @@ def reference_stats(
         nans.append(int(torch.isnan(x).sum()))
         infs.append(int(torch.isinf(x).sum()))
         finite_norms.append(_finite_norm(x[torch.isfinite(x)], norm_type))
-    finite_total = _finite_norm(torch.tensor(finite_norms, dtype=torch.float64), norm_type)
-    total = _reported(finite_total, sum(nans), sum(infs), zero)
-    norms = [_reported(f, a, b, zero) for f, a, b in zip(finite_norms, nans, infs)]
-    if on_nonfinite == "skip" and sum(nans) + sum(infs):
+    norms = [_reported(f, a, b, zero, norm_type) for f, a, b in zip(finite_norms, nans, infs)]
+    if norm_type == 0:
+        total = float(sum(1 for n in norms if n != 0))
+    else:
+        finite_total = _finite_norm(torch.tensor(finite_norms, dtype=torch.float64), norm_type)
+        total = _reported(finite_total, sum(nans), sum(infs), zero, norm_type)
+    if on_nonfinite == "skip" and (sum(nans) + sum(infs) or not math.isfinite(total)):
         coef = 1.0
     else:
         coef = max_norm / (total + EPS)

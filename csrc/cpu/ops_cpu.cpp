@@ -109,7 +109,7 @@ Partial row_partial(const T* p, int64_t n, int64_t stride, NormSpec spec) {
   const auto exact = [&] {
     return exact_partial([&](int64_t i) { return static_cast<double>(p[i * stride]); }, n, spec);
   };
-  if (stride != 1 || spec.kind == NormKind::kP) return exact();
+  if (stride != 1 || !has_fast_path(spec)) return exact();
   const double sum = fast_row_sum(p, n, spec.kind);
   if (!std::isfinite(sum)) return exact();
   if constexpr (!std::is_same_v<T, double>) {
@@ -119,7 +119,7 @@ Partial row_partial(const T* p, int64_t n, int64_t stride, NormSpec spec) {
   }
   Partial r = empty_partial();
   r.sum = sum;
-  rescale(r.sum, r.exp, spec);
+  rescale(r, spec);
   return r;
 }
 
@@ -163,15 +163,19 @@ void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, N
     write_counts(i, per_tensor[i]);
   }
   write_counts(n, all);
-  const T total = static_cast<T>(reported_norm(all, spec, policy));
-  *out.total_norm.data_ptr<T>() = total;
+  const double total = reported_total(all, spec, policy);
+  *out.total_norm.data_ptr<T>() = static_cast<T>(total);
   *out.clip_coef.data_ptr<T>() = clip_coefficient<T>(total, max_norm, all, policy);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(
-    at::TensorList tensor_list, double norm_type, double max_norm, c10::string_view on_nonfinite) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(at::TensorList tensor_list,
+                                                                     double norm_type,
+                                                                     double max_norm,
+                                                                     c10::string_view on_nonfinite,
+                                                                     bool wide) {
   const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
   const NormSpec spec = parse_norm_type(norm_type);
+  parse_max_norm(max_norm);
   const Nonfinite policy = parse_nonfinite(on_nonfinite);
   const Plan plan = make_plan(tensors, "stats");
 
@@ -186,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(
     combine(per_tensor[plan.pieces[i].tensor], partials[i], spec);
   }
   Partial all = empty_partial();
-  for (const Partial& p : per_tensor) combine(all, p, spec);
+  for (const Partial& p : per_tensor) combine(all, total_term(p, spec, policy), spec);
 
-  const StatsOutputs out = allocate_stats_outputs(tensors);
+  const StatsOutputs out = allocate_stats_outputs(tensors, wide);
   if (out.norms.scalar_type() == at::kDouble) {
     write_outputs<double>(per_tensor, all, spec, policy, max_norm, out);
   } else {
@@ -211,7 +215,7 @@ void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
   std::vector<bool> zeroes;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const bool zero = nonfinite != nullptr && nonfinite[i] > 0;
-    if (!clips && !zero) continue;
+    if ((!clips && !zero) || !is_walkable(tensors[i])) continue;
     add_source(plan, tensors[i], static_cast<int64_t>(i), "scale_");
     zeroes.push_back(zero);
   }
@@ -228,6 +232,7 @@ void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
       });
     });
   });
+  scale_unwalkable(tensors, coef_tensor, counts);
 }
 
 }  // namespace

@@ -203,7 +203,7 @@ __device__ __forceinline__ Partial shfl_down(const Partial& p, int offset) {
   r.sum = __shfl_down_sync(kFullMask, p.sum, offset);
   r.nan = __shfl_down_sync(kFullMask, static_cast<long long>(p.nan), offset);
   r.inf = __shfl_down_sync(kFullMask, static_cast<long long>(p.inf), offset);
-  r.exp = __shfl_down_sync(kFullMask, p.exp, offset);
+  r.scale = __shfl_down_sync(kFullMask, p.scale, offset);
   return r;
 }
 

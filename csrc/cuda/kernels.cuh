@@ -116,7 +116,7 @@ __device__ __forceinline__ Partial load_partial(const Partial* p) {
   r.sum = __ldcg(&p->sum);
   r.nan = __ldcg(reinterpret_cast<const long long*>(&p->nan));
   r.inf = __ldcg(reinterpret_cast<const long long*>(&p->inf));
-  r.exp = __ldcg(&p->exp);
+  r.scale = __ldcg(&p->scale);
   return r;
 }
 
@@ -156,8 +156,9 @@ __device__ __noinline__ Partial exact_chunk(ChunkView<T> view, NormSpec spec, Pa
 template <typename T>
 __device__ __forceinline__ Partial chunk_partial(const ChunkView<T>& view, NormSpec spec,
                                                  Scratch& scratch) {
-  double sum = NAN;  // a general p: pow per element in double on the exact path, as on the CPU
-  switch (spec.kind) {
+  // A general p or a reciprocal order: pow per element in double on the exact path, as on the CPU.
+  double sum = NAN;
+  switch (has_fast_path(spec) ? spec.kind : NormKind::kP) {
     case NormKind::kL2:
       sum = fast_sum<T, NormKind::kL2>(view, scratch.fast);
       break;
@@ -173,7 +174,7 @@ __device__ __forceinline__ Partial chunk_partial(const ChunkView<T>& view, NormS
   if (!isfinite(sum)) return exact_chunk<T>(view, spec, scratch.partial);
   Partial p = empty_partial();
   p.sum = sum;
-  rescale(p.sum, p.exp, spec);
+  rescale(p, spec);
   return p;
 }
 
@@ -246,8 +247,8 @@ __device__ __forceinline__ void reduce_tensors(const Table& table, const StatsAr
 
 template <typename T>
 __device__ __forceinline__ void write_total(const StatsArgs& args, const Partial& all) {
-  const T total = static_cast<T>(reported_norm(all, args.spec, args.policy));
-  *static_cast<T*>(args.total_norm) = total;
+  const double total = reported_total(all, args.spec, args.policy);
+  *static_cast<T*>(args.total_norm) = static_cast<T>(total);
   *static_cast<T*>(args.clip_coef) = clip_coefficient<T>(total, args.max_norm, all, args.policy);
 }
 
@@ -258,7 +259,7 @@ __device__ __forceinline__ void write_totals(const StatsArgs& args, Scratch& scr
   const CombineOp op{args.spec};
   Partial acc = empty_partial();
   for (int64_t i = threadIdx.x; i < args.num_tensors; i += kThreads) {
-    acc = op(acc, load_partial(args.tensor_partials + i));
+    acc = op(acc, total_term(load_partial(args.tensor_partials + i), args.spec, args.policy));
   }
   acc = block_allreduce(acc, op, scratch.partial);
   if (threadIdx.x != 0) return;

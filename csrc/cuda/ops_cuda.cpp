@@ -43,14 +43,24 @@ int grid_size(int64_t chunks, c10::DeviceIndex device) {
       std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t{sm_count(device)} * kBlocksPerSm)));
 }
 
+// The planner's view of the tensors. A tensor the kernels cannot walk (only scale_ is handed
+// any: stats reads them through contiguous copies) is described as empty, so that it keeps its
+// place in the list (the zeroing counts are indexed by it) and scale_unwalkable does it.
 std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors, const char* op) {
   std::vector<TensorDesc> descs;
   descs.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
+    const int64_t empty[] = {0};
+    Layout layout;
+    if (is_walkable(t)) {
+      layout = tensor_layout(t, static_cast<int64_t>(i), op);
+    } else {
+      make_layout(empty, empty, 1, layout);
+    }
     descs.push_back(TensorDesc{reinterpret_cast<uint64_t>(t.data_ptr()),
                                static_cast<int32_t>(t.element_size()), dtype_tag(t.scalar_type()),
-                               tensor_layout(t, static_cast<int64_t>(i), op)});
+                               layout});
   }
   return descs;
 }
@@ -97,16 +107,20 @@ Workspace make_workspace(const at::Tensor& like, int64_t chunks, int64_t tensors
   return ws;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cuda(
-    at::TensorList tensor_list, double norm_type, double max_norm, c10::string_view on_nonfinite) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cuda(at::TensorList tensor_list,
+                                                                      double norm_type,
+                                                                      double max_norm,
+                                                                      c10::string_view on_nonfinite,
+                                                                      bool wide) {
   const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
   const NormSpec spec = parse_norm_type(norm_type);
+  parse_max_norm(max_norm);
   const Nonfinite policy = parse_nonfinite(on_nonfinite);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const c10::DeviceIndex device = tensors[0].device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const std::vector<TensorDesc> descs = describe(tensors, "stats");
-  const StatsOutputs out = allocate_stats_outputs(tensors);
+  const StatsOutputs out = allocate_stats_outputs(tensors, wide);
   const auto n = static_cast<int64_t>(tensors.size());
 
   StatsArgs args{};
@@ -169,6 +183,7 @@ void scale_cuda(at::TensorList tensor_list, const at::Tensor& coef_tensor,
     const int64_t chunks = plan.launches[k].num_chunks;
     if (chunks > 0) launch_scale(table, args, grid_size(chunks, device), stream);
   });
+  scale_unwalkable(tensors, coef, counts);
 }
 
 }  // namespace

@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradstats import ops
 from gradstats._core import (
     GradStats,
     apply_clip,
@@ -43,12 +43,12 @@ from gradstats._core import (
     check_norm_type,
     check_on_nonfinite,
     clip_coef,
-    group_by_device_and_dtype,
     kernel_policy,
     local_tensors,
     nonfinite_report,
 )
 from gradstats.distributed import check_process_group, statistics
+from gradstats.optim._step import StepMode, fused_step, inner_step, inplace_step
 from gradstats.optim.adaptive import AdaptiveClip
 
 if TYPE_CHECKING:
@@ -58,43 +58,10 @@ if TYPE_CHECKING:
 STATE_KEY = "gradstats_clip"
 
 
-@dataclass(frozen=True)
-class _Mode:
-    """How one step runs, decided before anything changes."""
-
-    policy: str  # on_nonfinite, or "skip" under a GradScaler (its overflow means skip)
-    fused: bool  # the inner optimizer reads grad_scale / found_inf (fused Adam, AdamW, SGD...)
-    loss_scale: Tensor | None  # GradScaler's scale still in the gradients
-    scaler_found: Tensor | None  # GradScaler's overflow flag
-
-    @property
-    def skips(self) -> bool:
-        return self.policy == "skip"
-
-
 class StepMonitor(Protocol):
     """What `monitor=` must provide (gradstats.GradMonitor does)."""
 
     def step(self, *, stats: GradStats, params: list[Tensor], skipped: Tensor) -> object: ...
-
-
-@torch.compiler.disable
-def _step_with_grad_scale(
-    optimizer: Optimizer, grad_scale: Tensor, found_inf: Tensor | None
-) -> None:
-    """optimizer.step() with the grad_scale/found_inf attributes that fused optimizers read.
-
-    Kept out of torch.compile graphs: dynamo (torch 2.14) inlines the inner step without the
-    attributes set in the same compiled region (the step then neither clips nor skips), and fails
-    on deleting them. The fused step is one kernel launch per device, so nothing is lost.
-    """
-    optimizer.grad_scale = grad_scale
-    optimizer.found_inf = found_inf
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale
-        del optimizer.found_inf
 
 
 class ClipGradOptimizer(Optimizer):
@@ -173,18 +140,20 @@ class ClipGradOptimizer(Optimizer):
         self.monitor = monitor
         check_process_group(process_group)
         self.process_group = process_group
-        self._skipped = torch.zeros((), dtype=torch.int64)
-        self._consecutive = torch.zeros((), dtype=torch.int64)
-        # The last step's record for logging. A dict, updated in place: torch.compile (2.11) cannot
-        # trace attribute assignments on the optimizer inside a compiled step.
-        self._last: dict[str, Any] = {
+        # Everything a step changes, in one dict updated in place: torch.compile (2.11) cannot
+        # trace assignments to the optimizer's attributes inside a compiled step.
+        self._run: dict[str, Any] = {
+            # Steps skipped so far, and steps in a row with NaN/Inf (0-dim int64, on the device).
+            "skipped_steps": torch.zeros((), dtype=torch.int64),
+            "consecutive": torch.zeros((), dtype=torch.int64),
+            # False until the inner (fused) optimizer has taken a step: see the module docstring.
+            "fused_ready": False,
+            # The last step, for logging.
             "stats": None,
             "skipped": torch.zeros((), dtype=torch.bool),
             "threshold": self._max_norm,
             "params": [],
         }
-        # False until the inner (fused) optimizer has taken a step: see the module docstring.
-        self._fused_ready = False
         # Optimizer.__init__ is not called (it would re-add the inner optimizer's groups); these
         # are the pieces of it that the hooks and the profiler need.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -224,22 +193,22 @@ class ClipGradOptimizer(Optimizer):
     def last_stats(self) -> GradStats | None:
         """The GradStats of the last step (norms of the unscaled gradients; clip_coef is the
         coefficient applied), or None before the first step."""
-        return self._last["stats"]
+        return self._run["stats"]
 
     @property
     def last_threshold(self) -> Tensor | float:
         """The clip threshold of the last step: max_norm, or AdaptiveClip's (a 0-dim tensor)."""
-        return self._last["threshold"]
+        return self._run["threshold"]
 
     @property
     def skipped_steps(self) -> Tensor:
         """Steps skipped for NaN/Inf gradients so far (0-dim int64 on the device)."""
-        return self._skipped
+        return self._run["skipped_steps"]
 
     @property
     def consecutive_nonfinite(self) -> Tensor:
         """Steps in a row, up to the last one, whose gradients held NaN/Inf (0-dim int64)."""
-        return self._consecutive
+        return self._run["consecutive"]
 
     def __repr__(self) -> str:
         return (
@@ -259,19 +228,35 @@ class ClipGradOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
-        self._fused_ready = False
+        self._run["fused_ready"] = False
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Statistics of every gradient in one fused pass, clip, then the inner step (or a skip).
 
-        Returns what the closure returned (None without one).
+        With a closure, it is evaluated first and decides the step (skip, error, counters,
+        monitor) before the inner optimizer changes anything; the inner optimizer then gets a
+        closure that hands it that evaluation and clips the gradients of every later one (LBFGS
+        evaluates several times per step). Returns what the closure returned (None without one).
         """
-        loss = None
-        if closure is not None:
+        if closure is None:
+            with torch.no_grad():
+                self._clip_and_step(None)
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        unused = [loss]
+
+        def evaluate() -> Any:
+            if unused:  # the evaluation above: its gradients are in place, clipped
+                return unused.pop()
             with torch.enable_grad():
-                loss = closure()
+                value = closure()
+            with torch.no_grad():
+                self._clip_evaluation()
+            return value
+
         with torch.no_grad():
-            self._clip_and_step()
+            self._clip_and_step(evaluate)
         return loss
 
     def _params_with_grads(self) -> list[Tensor]:
@@ -287,60 +272,71 @@ class ClipGradOptimizer(Optimizer):
         return [names[id(p)] for p in params]
 
     def _to_device(self, device: torch.device) -> None:
-        if self._skipped.device != device:
-            self._skipped = self._skipped.to(device)
-            self._consecutive = self._consecutive.to(device)
+        run = self._run
+        if run["skipped_steps"].device != device:
+            run["skipped_steps"] = run["skipped_steps"].to(device)
+            run["consecutive"] = run["consecutive"].to(device)
 
-    def _mode(self) -> _Mode:
+    def _mode(self) -> StepMode:
         # GradScaler.step sets grad_scale (the loss scale still in the gradients; None once
         # unscale_ was called) and found_inf (its overflow flag) on the optimizer it steps.
         scaler_found = getattr(self, "found_inf", None)
-        return _Mode(
+        return StepMode(
             policy="skip" if scaler_found is not None else self.on_nonfinite,
             fused=bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)),
             loss_scale=getattr(self, "grad_scale", None),
             scaler_found=scaler_found if isinstance(scaler_found, Tensor) else None,
+            adaptive=self.adaptive is not None,
         )
 
-    def _effective_stats(self, st: GradStats, mode: _Mode) -> tuple[GradStats, Tensor | float]:
+    def _effective_stats(
+        self, st: GradStats, mode: StepMode, grads: list[Tensor]
+    ) -> tuple[GradStats, Tensor | float]:
         """The statistics of the unscaled gradients with the coefficient this step applies, and
-        the threshold it was computed from."""
-        if mode.loss_scale is None and self.adaptive is None:
+        the threshold it was computed from. Under a loss scale or an adaptive threshold st is
+        wide (float64): unscaled and clipped exactly, then narrowed to the gradients' norm dtype."""
+        if not mode.wide:
             return st, self._max_norm
         total, norms = st.total_norm, st.norms
         if mode.loss_scale is not None:
             scale = mode.loss_scale.to(device=total.device, dtype=total.dtype)
             total = total / scale
             norms = norms / scale
-        threshold = (
-            self._max_norm if self.adaptive is None else self.adaptive.threshold(total.device)
-        )
-        skip = st.nonfinite_count > 0 if mode.skips else None
-        coef = clip_coef(total, threshold, skip)
-        return GradStats(total, coef, norms, st.counts, st.norm_type), threshold
+        adaptive = self.adaptive
+        threshold = self._max_norm if adaptive is None else adaptive.threshold(total.device)
+        dtype = ops.norm_dtype(grads)
+        narrow = total.to(dtype)
+        skip = (st.nonfinite_count > 0) | ~torch.isfinite(narrow) if mode.skips else None
+        coef = clip_coef(total, threshold, skip).to(dtype)
+        return GradStats(narrow, coef, norms.to(dtype), st.counts, st.norm_type), threshold
 
-    def _clip_and_step(self) -> None:
+    def _clip_and_step(self, closure: Callable[[], Any] | None) -> None:
         params = self._params_with_grads()
         # A rank without gradients still takes part in the process group's collective.
         if not params and self.process_group is None:
-            self.optimizer.step()
+            inner_step(self.optimizer, closure)
             return
         mode = self._mode()
+        grads = [p.grad for p in params]
         # With a loss scale in the gradients the coefficient is computed after unscaling.
         max_norm = self._max_norm if mode.loss_scale is None else math.inf
         raw = statistics(
-            [p.grad for p in params],
+            grads,
             self.norm_type,
             max_norm,
             kernel_policy(mode.policy),
             self.process_group,
+            wide=mode.wide,
         )
         self._to_device(raw.total_norm.device)
-        stats, threshold = self._effective_stats(raw, mode)
-        found = stats.nonfinite_count > 0
+        stats, threshold = self._effective_stats(raw, mode, grads)
+        found = stats.any_nonfinite
         if mode.scaler_found is not None:
             found = found | (mode.scaler_found.to(found.device) > 0)
-        consecutive = torch.where(found, self._consecutive + 1, torch.zeros_like(self._consecutive))
+        run = self._run
+        consecutive = torch.where(
+            found, run["consecutive"] + 1, torch.zeros_like(run["consecutive"])
+        )
         skipped = found & mode.skips
         if self.monitor is not None:
             self.monitor.step(stats=stats, params=params, skipped=skipped)
@@ -349,26 +345,53 @@ class ClipGradOptimizer(Optimizer):
         # docstring); otherwise the fused kernel or the in-place scale decide on the device.
         found_on_host: bool | None = None
         if self._needs_host(mode):
-            flag, run = torch.stack([found.to(torch.int64), consecutive]).tolist()
+            flag, streak = torch.stack([found.to(torch.int64), consecutive]).tolist()
             found_on_host = bool(flag)
-            self._raise_if_needed(found_on_host, run, stats, params, mode.policy)
+            self._raise_if_needed(found_on_host, streak, stats, params, mode.policy)
 
-        self._skipped.add_(skipped.to(torch.int64))
-        self._consecutive.copy_(consecutive)
+        run["skipped_steps"].add_(skipped.to(torch.int64))
+        run["consecutive"].copy_(consecutive)
         if self.adaptive is not None:
             self.adaptive.update(stats.total_norm, found, threshold)
-        self._last.update(stats=stats, skipped=skipped, threshold=threshold, params=params)
+        run.update(stats=stats, skipped=skipped, threshold=threshold, params=params)
 
         if mode.skips and found_on_host:
             return
-        grads = local_tensors([p.grad for p in params])
-        if mode.fused:
-            self._fused_step(grads, stats, mode, found if found_on_host is None else None)
-        else:
-            self._inplace_step(grads, stats, mode)
+        local = local_tensors(grads)
+        if not mode.fused:
+            inplace_step(self.optimizer, local, stats, mode, closure)
+            return
+        device_skip = found if mode.skips and found_on_host is None else None
+        fused_step(self.optimizer, local, stats, mode, device_skip, closure)
+        # Once a fused step has been taken without a device-side skip flag, later skips can be
+        # left to the device (see the module docstring).
+        run["fused_ready"] = run["fused_ready"] or device_skip is None
 
-    def _needs_host(self, mode: _Mode) -> bool:
-        device_can_skip = mode.fused and self._fused_ready
+    def _clip_evaluation(self) -> None:
+        """Clips the gradients of a later closure evaluation within a step by the same rule (the
+        step's threshold; NaN/Inf zeroed under "zero", left unclipped under "skip" and "error":
+        the step was decided on its first evaluation)."""
+        params = self._params_with_grads()
+        if not params and self.process_group is None:
+            return
+        policy = "zero" if self.on_nonfinite == "zero" else "skip"
+        if self.on_nonfinite == "propagate":
+            policy = "propagate"
+        threshold = self._run["threshold"]
+        fixed = not isinstance(threshold, Tensor)
+        grads = [p.grad for p in params]
+        st = statistics(
+            grads, self.norm_type, threshold if fixed else math.inf, policy, self.process_group
+        )
+        coef = st.clip_coef
+        if not fixed:
+            coef = clip_coef(
+                st.total_norm, threshold, st.any_nonfinite if policy == "skip" else None
+            )
+        apply_clip(local_tensors(grads), coef, st.nonfinite if policy == "zero" else None)
+
+    def _needs_host(self, mode: StepMode) -> bool:
+        device_can_skip = mode.fused and self._run["fused_ready"]
         return (
             mode.policy == "error"
             or self.max_consecutive_nonfinite is not None
@@ -400,36 +423,6 @@ class ClipGradOptimizer(Optimizer):
             "elements and steps."
         )
 
-    def _fused_step(
-        self, grads: list[Tensor], stats: GradStats, mode: _Mode, found: Tensor | None
-    ) -> None:
-        """Hands the clip (and the loss scale) to the fused kernel, which divides the gradients by
-        grad_scale and returns early where found_inf is 1 (found: None when the host has decided
-        already that the step is taken)."""
-        coef = stats.clip_coef.to(torch.float32)
-        if mode.policy == "zero":
-            apply_clip(grads, torch.ones_like(coef), stats.nonfinite)
-        if mode.loss_scale is None:
-            grad_scale = torch.reciprocal(coef)
-        else:
-            grad_scale = mode.loss_scale.to(coef.device, torch.float32) / coef
-        skip_flag = None if found is None or not mode.skips else found.to(torch.float32)
-        _step_with_grad_scale(self.optimizer, grad_scale, skip_flag)
-        if skip_flag is None:
-            self._fused_ready = True
-
-    def _inplace_step(self, grads: list[Tensor], stats: GradStats, mode: _Mode) -> None:
-        if mode.loss_scale is None:
-            zero = stats.nonfinite if mode.policy == "zero" else None
-            apply_clip(grads, stats.clip_coef, zero)
-        else:
-            # Unscaling must multiply even when the factor is >= 1, which the fused scale skips.
-            coef = stats.clip_coef
-            factor = coef / mode.loss_scale.to(coef.device, coef.dtype)
-            for group in group_by_device_and_dtype(grads):
-                torch._foreach_mul_(group, factor.to(group[0].device))
-        self.optimizer.step()
-
     def stats_dict(self) -> dict[str, Any]:
         """Python numbers of the last step for logging (syncs: it copies them to the host).
 
@@ -437,27 +430,27 @@ class ClipGradOptimizer(Optimizer):
         plus max_norm (the threshold used), skipped (this step), skipped_steps and
         consecutive_nonfinite.
         """
-        device = self._skipped.device
+        run = self._run
+        device = run["skipped_steps"].device
         # float64 holds every counter and the threshold exactly: one copy to the host for them all.
-        last = self._last
-        values = [self._skipped, self._consecutive, last["skipped"]]
-        values.append(torch.as_tensor(last["threshold"], device=device))
-        skipped_steps, run, skipped, threshold = torch.stack(
+        values = [run["skipped_steps"], run["consecutive"], run["skipped"]]
+        values.append(torch.as_tensor(run["threshold"], device=device))
+        skipped_steps, streak, skipped, threshold = torch.stack(
             [v.to(device, torch.float64) for v in values]
         ).tolist()
         out: dict[str, Any] = {
             "skipped_steps": int(skipped_steps),
-            "consecutive_nonfinite": int(run),
+            "consecutive_nonfinite": int(streak),
         }
-        if last["stats"] is None:
+        if run["stats"] is None:
             return out
-        logged = last["stats"].to_dict(self._param_names(last["params"]))
+        logged = run["stats"].to_dict(self._param_names(run["params"]))
         return {**logged, "max_norm": threshold, "skipped": bool(skipped), **out}
 
     def _wrapper_state(self) -> dict[str, Any]:
         return {
-            "skipped_steps": self._skipped.detach().clone(),
-            "consecutive_nonfinite": self._consecutive.detach().clone(),
+            "skipped_steps": self._run["skipped_steps"].detach().clone(),
+            "consecutive_nonfinite": self._run["consecutive"].detach().clone(),
             "adaptive_clip": None if self.adaptive is None else self.adaptive.state_dict(),
         }
 
@@ -486,13 +479,12 @@ class ClipGradOptimizer(Optimizer):
         own = state_dict.pop(STATE_KEY, None)
         skipped, consecutive, adaptive = self._parse_wrapper_state(own)
         self.optimizer.load_state_dict(state_dict)
-        self._skipped, self._consecutive = skipped, consecutive
+        self._run.update(skipped_steps=skipped, consecutive=consecutive, fused_ready=False)
         if self.adaptive is not None:
             if adaptive is None:
                 self.adaptive.reset()
             else:
                 self.adaptive.load_state_dict(adaptive)
-        self._fused_ready = False
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

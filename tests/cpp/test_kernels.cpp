@@ -205,17 +205,17 @@ Outputs reference(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite pol
     out.counts[kNanRow * (n + 1) + i] = p.nan;
     out.counts[kInfRow * (n + 1) + i] = p.inf;
     out.counts[kNonfiniteRow * (n + 1) + i] = p.nan + p.inf;
-    combine(all, p, spec);
+    combine(all, total_term(p, spec, policy), spec);
   }
   out.counts[kNanRow * (n + 1) + n] = all.nan;
   out.counts[kInfRow * (n + 1) + n] = all.inf;
   out.counts[kNonfiniteRow * (n + 1) + n] = all.nan + all.inf;
+  const double total = reported_total(all, spec, policy);
   if (any_double) {
-    out.total = reported_norm(all, spec, policy);
-    out.coef = clip_coefficient<double>(out.total, max_norm, all, policy);
-  } else {
-    const auto total = static_cast<float>(reported_norm(all, spec, policy));
     out.total = total;
+    out.coef = clip_coefficient<double>(total, max_norm, all, policy);
+  } else {
+    out.total = static_cast<float>(total);
     out.coef = clip_coefficient<float>(total, max_norm, all, policy);
   }
   return out;
@@ -253,8 +253,9 @@ std::vector<HostTensor> make_list(bool with_double, bool with_nonfinite) {
 
 std::string name_of(NormSpec spec, Nonfinite policy, bool with_double, bool with_nonfinite) {
   const char* policies[] = {"propagate", "skip", "zero"};
-  return "p=" + std::to_string(spec.p) + " " + policies[static_cast<int>(policy)] +
-         (with_double ? " +float64" : "") + (with_nonfinite ? " +nonfinite" : "");
+  return std::string("p=") + (spec.reciprocal ? "-" : "") + std::to_string(spec.p) + " " +
+         policies[static_cast<int>(policy)] + (with_double ? " +float64" : "") +
+         (with_nonfinite ? " +nonfinite" : "");
 }
 
 void test_stats() {
@@ -262,7 +263,10 @@ void test_stats() {
   constexpr unsigned kFewBlocks = 3;                // fewer blocks than chunks: blocks take several
   constexpr unsigned kManyBlocks = 64;              // a block per chunk
   constexpr double kMaxNorm = 1.0;
-  const double norm_types[] = {2.0, 1.0, std::numeric_limits<double>::infinity(), 3.0};
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  // Every kind of norm: the fast paths, a general p, a p too large for 2^k scales, the 0 count,
+  // and the reciprocal (negative) orders.
+  const double norm_types[] = {2.0, 1.0, kInf, 3.0, 1100.0, 0.0, -1.0, -2.5, -kInf};
   const Nonfinite policies[] = {Nonfinite::kPropagate, Nonfinite::kSkip, Nonfinite::kZero};
   for (bool with_double : {false, true}) {
     for (bool with_nonfinite : {false, true}) {
