@@ -19,8 +19,8 @@ namespace gradstats {
 //   kL1, kL2, kP: (sum |x|^p)^(1/p) for p = 1, 2 and any other p > 0;
 //   kInf:         max |x|;
 //   kZero:        the number of nonzero elements (torch's "0-norm");
-// and, with NormSpec::reciprocal, the negative orders, computed on y = 1 / |x|: for p < 0,
-// (sum |x|^p)^(1/p) = 1 / ||y||_-p, and the -inf norm min |x| = 1 / max y.
+// and, with NormSpec::reciprocal, the negative orders: for p = -q < 0, (sum |x|^-q)^(-1/q), which a
+// zero element makes 0; for -inf, min |x|.
 enum class NormKind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3, kZero = 4 };
 
 // What the statistics op does with NaN/Inf elements (the Python API adds "error" on top):
@@ -58,13 +58,16 @@ constexpr int kRescaleBits = 512;
 constexpr double kRescaleAbove = 0x1p512;
 
 // Statistics of a piece of a tensor: the numbers of NaN and +-Inf elements and, over its finite
-// elements, sum * scale^p, the sum of |x|^p kept on a scale so that no finite input overflows or
-// underflows it. For p = 1, 2 the scale is a power of two (1 until the sum needs rescaling); for a
-// general p it is the largest |x| of the piece, so that the terms are at most 1 and the largest is
-// exactly 1 (no p, however large, can then lose the sum to underflow). For inf, sum is the largest
-// |x| (scale 1); for the 0 "norm", the count of nonzero elements. A reciprocal order reads y =
-// 1/|x| instead of |x|; a finite zero element makes y infinite, and sum = +inf marks it (its norm
-// is 0).
+// elements, sum and scale, kept so that no finite input overflows or underflows them:
+//   p = 1, 2:  sum * scale^p = sum |x|^p, scale a power of two (1 until the sum needs rescaling);
+//   p > 0:     the same with scale = the largest |x|: terms (|x| / scale)^p are at most 1 and the
+//              largest is exactly 1, so no p, however large, loses the sum to underflow;
+//   inf:       sum = the largest |x| (scale unused);
+//   0:         sum = the count of nonzero elements;
+//   p = -q:    scale = the smallest |x|, sum = sum (scale / |x|)^q (again terms at most 1);
+//   -inf:      scale = the smallest |x|, sum = 1.
+// sum = 0 means no finite element (an empty partial). For the negative orders a zero element makes
+// the norm 0, marked by sum = +inf.
 struct Partial {
   double sum;
   int64_t nan;
@@ -117,7 +120,7 @@ GS_HD void rescale(Partial& a, NormSpec spec) {
 GS_HD void combine(Partial& acc, const Partial& x, NormSpec spec) {
   acc.nan += x.nan;
   acc.inf += x.inf;
-  if (spec.kind == NormKind::kInf) {
+  if (spec.kind == NormKind::kInf && !spec.reciprocal) {
     acc.sum = fmax(acc.sum, x.sum);
     return;
   }
@@ -131,20 +134,34 @@ GS_HD void combine(Partial& acc, const Partial& x, NormSpec spec) {
     return;
   }
   if (std::isinf(x.sum) || std::isinf(acc.sum)) {
-    acc.sum = std::numeric_limits<double>::infinity();  // a reciprocal order met a zero: norm 0
+    acc.sum = std::numeric_limits<double>::infinity();  // a negative order met a zero: norm 0
     return;
   }
-  if (x.scale > acc.scale) {
-    acc.sum = acc.sum * scale_power(acc.scale / x.scale, spec) + x.sum;
+  if (spec.kind == NormKind::kInf) {
+    acc.scale = fmin(acc.scale, x.scale);  // -inf: the smallest |x|
+    return;
+  }
+  // The part on the dominant scale (the larger for p > 0, the smaller for p < 0) keeps its terms;
+  // the other's are multiplied by the ratio of the scales (at most 1) to the power |p|.
+  const bool x_dominates = spec.reciprocal ? x.scale < acc.scale : x.scale > acc.scale;
+  if (x_dominates) {
+    const double ratio = spec.reciprocal ? x.scale / acc.scale : acc.scale / x.scale;
+    acc.sum = acc.sum * scale_power(ratio, spec) + x.sum;
     acc.scale = x.scale;
   } else {
-    acc.sum += x.sum * scale_power(x.scale / acc.scale, spec);
+    const double ratio = spec.reciprocal ? acc.scale / x.scale : x.scale / acc.scale;
+    acc.sum += x.sum * scale_power(ratio, spec);
   }
   rescale(acc, spec);
 }
 
-// The norm of the y (|x|, or 1/|x| for a reciprocal order) over the finite elements.
-GS_HD double finite_norm_of_terms(const Partial& a, NormSpec spec) {
+// The norm of the finite elements.
+GS_HD double finite_norm(const Partial& a, NormSpec spec) {
+  if (spec.reciprocal) {
+    if (a.sum == 0.0) return std::numeric_limits<double>::infinity();  // no finite element
+    if (std::isinf(a.sum)) return 0.0;                                 // a zero element
+    return spec.kind == NormKind::kInf ? a.scale : a.scale * pow(a.sum, -1.0 / spec.p);
+  }
   switch (spec.kind) {
     case NormKind::kL1:
       return a.sum * a.scale;
@@ -155,12 +172,6 @@ GS_HD double finite_norm_of_terms(const Partial& a, NormSpec spec) {
     default:
       return a.sum;
   }
-}
-
-// The norm of the finite elements.
-GS_HD double finite_norm(const Partial& a, NormSpec spec) {
-  const double y = finite_norm_of_terms(a, spec);
-  return spec.reciprocal ? 1.0 / y : y;
 }
 
 // The norm the op reports for a tensor, as torch.linalg.vector_norm computes it unless zeroing:
@@ -221,16 +232,18 @@ GS_HD double plain_term(double a, NormSpec spec) {
   }
 }
 
-// Exact statistics of n elements read through load(i) -> double: counts every NaN and Inf and,
-// over the finite ones, y = |x| (or 1/|x|): the largest y for inf; for a general p, the sum of
-// (y / max y)^p (two passes: the scale, then the sum); for p = 1, 2, 0 the plain sum, and only if
-// that overflows, the sum again on the scale of the largest y. The fast paths fall back to this for
-// any piece that is not all finite, and every piece of a general or reciprocal order comes here.
+// Exact statistics of n elements read through load(i) -> double: counts every NaN and Inf and, over
+// the finite ones, the Partial of the norm: for inf the largest |x|, for 0 the count of nonzeros;
+// for a general or negative order two passes (the scale, then the terms on it); for p = 1, 2 the
+// plain sum, and only if that overflows, the sum again on the scale of the largest |x|. The fast
+// paths fall back to this for any piece that is not all finite, and every piece of a general or
+// negative order comes here.
 template <typename Load>
 GS_HD Partial exact_partial(Load load, int64_t n, NormSpec spec) {
   Partial r = empty_partial();
-  double max_y = 0.0;
-  bool zero_y_inverse = false;  // a reciprocal order met x = 0: y = inf, the norm is 0
+  double max_abs = 0.0;
+  double min_abs = std::numeric_limits<double>::infinity();
+  bool any_finite = false;
   for (int64_t i = 0; i < n; ++i) {
     const double x = load(i);
     if (std::isnan(x)) {
@@ -238,33 +251,48 @@ GS_HD Partial exact_partial(Load load, int64_t n, NormSpec spec) {
     } else if (std::isinf(x)) {
       ++r.inf;
     } else {
-      const double y = spec.reciprocal ? 1.0 / fabs(x) : fabs(x);
-      zero_y_inverse = zero_y_inverse || std::isinf(y);
-      max_y = fmax(max_y, y);
-      if (spec.kind != NormKind::kP) {
-        r.sum = spec.kind == NormKind::kInf ? fmax(r.sum, y) : r.sum + plain_term(y, spec);
+      const double a = fabs(x);
+      any_finite = true;
+      max_abs = fmax(max_abs, a);
+      min_abs = fmin(min_abs, a);
+      if (spec.kind == NormKind::kInf) {
+        r.sum = fmax(r.sum, a);
+      } else if (spec.kind != NormKind::kP) {
+        r.sum += plain_term(a, spec);
       }
     }
   }
-  if (zero_y_inverse && spec.kind != NormKind::kInf) {
-    r.sum = std::numeric_limits<double>::infinity();
+  if (spec.reciprocal) {
+    if (!any_finite) return r;  // no finite element: an empty partial (its norm is inf)
+    if (min_abs == 0.0) {
+      r.sum = std::numeric_limits<double>::infinity();  // a zero: the norm is 0
+      return r;
+    }
+    r.scale = min_abs;
+    r.sum = spec.kind == NormKind::kInf ? 1.0 : 0.0;
+    if (spec.kind == NormKind::kP) {
+      for (int64_t i = 0; i < n; ++i) {
+        const double x = load(i);
+        if (std::isfinite(x)) r.sum += pow(min_abs / fabs(x), spec.p);
+      }
+    }
     return r;
   }
-  if (spec.kind == NormKind::kInf || spec.kind == NormKind::kZero || max_y == 0.0) return r;
+  if (spec.kind == NormKind::kInf || spec.kind == NormKind::kZero || max_abs == 0.0) return r;
   if (spec.kind != NormKind::kP && std::isfinite(r.sum)) {
     rescale(r, spec);
     return r;
   }
-  // The sum on the scale of the largest y: a power of two for p = 1, 2 (their sums stay exact
-  // multiples), max y itself for a general p (the largest term is then exactly 1).
+  // The sum on the scale of the largest |x|: a power of two for p = 1, 2 (their sums stay exact
+  // multiples), max |x| itself for a general p (the largest term is then exactly 1).
   int e = 0;
-  frexp(max_y, &e);  // max_y = m * 2^e with m in [0.5, 1)
-  r.scale = spec.kind == NormKind::kP ? max_y : ldexp(1.0, e);
+  frexp(max_abs, &e);  // max_abs = m * 2^e with m in [0.5, 1)
+  r.scale = spec.kind == NormKind::kP ? max_abs : ldexp(1.0, e);
   double scaled = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double x = load(i);
     if (!std::isfinite(x)) continue;
-    const double y = (spec.reciprocal ? 1.0 / fabs(x) : fabs(x)) / r.scale;
+    const double y = fabs(x) / r.scale;
     scaled += spec.kind == NormKind::kP ? pow(y, spec.p) : plain_term(y, spec);
   }
   r.sum = scaled;
