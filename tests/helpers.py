@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from reference import reference_stats
+
+import gradstats
 
 # Every device test runs on the CPU and, marked "gpu", on CUDA (skipped at run time without one).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -79,3 +83,11 @@ def assert_stats_match_oracle(tensors, out, norm_type=2.0, max_norm=1.0, policy=
     assert counts[1, :-1].tolist() == ref.inf_counts
     assert counts[2, :-1].tolist() == nonfinite
     assert counts[:, -1].tolist() == [sum(ref.nan_counts), sum(ref.inf_counts), sum(nonfinite)]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python process that must import the same gradstats as these
+    tests (an in-place build, a wheel in a virtual environment, an editable install alike)."""
+    here = str(Path(gradstats.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from helpers import child_env
 
 import gradstats
 from gradstats import bench
@@ -56,13 +56,11 @@ MODEL_SIZES = {
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "gradstats", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(),
         cwd=ROOT,
         timeout=SUBPROCESS_TIMEOUT_S,
     )

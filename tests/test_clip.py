@@ -10,7 +10,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import CLIP_RTOL, DEVICES, DTYPES, TORCH_NORM_RTOL, assert_close_rel
+from helpers import (
+    CLIP_RTOL,
+    DEVICES,
+    DTYPES,
+    TORCH_NORM_RTOL,
+    assert_close_rel,
+    child_env,
+)
 from reference import reference_clipped, reference_stats
 
 import gradstats
@@ -295,7 +302,11 @@ def test_scale_touches_no_memory_when_coefficient_is_at_least_one(coef, survives
     script = tmp_path / "scale.py"
     script.write_text(SCALE_ON_INACCESSIBLE_MEMORY)
     result = subprocess.run(
-        [sys.executable, str(script), str(coef)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(coef)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert ("survived" in result.stdout) == survives, result.stderr[-2000:]
 

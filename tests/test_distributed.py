@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import NORM_RTOL, assert_close_rel
+from helpers import NORM_RTOL, assert_close_rel, child_env
 from reference import reference_clipped, reference_stats
 from torch import Tensor, nn
 
@@ -691,10 +691,7 @@ def test_comparisons_can_fail(ranks):
 def test_fsdp2_example_runs_under_torchrun():
     """examples/fsdp2_train.py as the README runs it: torchrun, 2 CPU processes, gloo."""
     root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     command = [
         sys.executable,
         "-m",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, child_env
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gradstats
@@ -80,7 +80,11 @@ def test_import_refuses_a_build_made_for_another_torch(tmp_path, monkeypatch):
 
 def test_info_command_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "gradstats", "info"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "gradstats", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert out.returncode == 0, out.stderr
     assert torch.__version__ in out.stdout and "stats" in out.stdout
