@@ -153,8 +153,24 @@ def decide_cpu_isa() -> str:
     return mode
 
 
+def import_torch():
+    """The torch to build against: the one installed where this runs. pip's build isolation (plain
+    `pip install .`) runs setup.py in a fresh environment without it; say so once and stop."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "gradstats builds against the torch you run, and none is importable here. If torch is "
+            "installed, pip's build isolation hid it: install with\n"
+            "    pip install --no-build-isolation .\n"
+            "(or `pip install --no-build-isolation -e .` for development; `./run test` builds in "
+            "place). Otherwise install torch first (pip install torch)."
+        ) from None
+    return torch
+
+
 def build_extension():
-    import torch
+    torch = import_torch()
 
     toolkit = decide_cuda(torch.version.cuda)
     if toolkit:

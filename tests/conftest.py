@@ -3,6 +3,8 @@
 Nothing here queries CUDA at import or collection time.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -17,3 +19,17 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why cases were skipped, counted by reason (pytest's summary line gives only the total)."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.write_sep("-", "why cases were skipped")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:5d} skipped: {reason}")
