@@ -25,9 +25,9 @@ import sys
 from collections.abc import Callable
 
 import torch
-from gradstats.bench.presets import make_preset
 
 import gradstats
+from gradstats.bench.presets import make_preset
 
 CALLS_PER_STREAM = 200
 GRAPH_REPLAYS = 1_000

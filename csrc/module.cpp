@@ -1,6 +1,7 @@
 // The pybind11 module gradstats._C. Importing it loads the library, which registers the ops
 // (ops.cpp) and their kernels; the functions here do the per-tensor bookkeeping that costs
 // ~100 ns a tensor in Python. How the library was built is recorded once, in _build_info.json.
+#include <ATen/MemoryOverlap.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "device_plan.h"
 
 namespace py = pybind11;
 
@@ -83,6 +85,174 @@ std::optional<bool> cpu_coef_at_least_one(const at::Tensor& coef) {
   return coef.item<double>() >= 1.0;
 }
 
+// What a parameter's gradient was when a GradPlan was built: a plan stays valid while each
+// gradient is the same tensor, on the same memory (storage and offset), with the same element count
+// and dtype and, unless contiguous, the same sizes and strides. (Reassigning .data, resize_ or a
+// transpose in place change one of those.) A few loads per parameter.
+struct GradSignature {
+  const c10::TensorImpl* impl = nullptr;  // null: no gradient
+  const c10::StorageImpl* storage = nullptr;
+  int64_t offset = 0;
+  int64_t numel = 0;
+  caffe2::TypeMeta dtype;
+  bool contiguous = true;
+  std::vector<int64_t> sizes_and_strides;  // only when not contiguous
+
+  explicit GradSignature(const c10::TensorImpl* g) : impl(g) {
+    if (g == nullptr) return;
+    storage = g->has_storage() ? g->storage().unsafeGetStorageImpl() : nullptr;
+    offset = g->storage_offset();
+    numel = g->numel();
+    dtype = g->dtype();
+    contiguous = g->is_contiguous();
+    if (!contiguous) sizes_and_strides = layout_of(g);
+  }
+
+  bool matches(const c10::TensorImpl* g) const {
+    if (g != impl) return false;
+    if (g == nullptr) return true;
+    const c10::StorageImpl* now = g->has_storage() ? g->storage().unsafeGetStorageImpl() : nullptr;
+    return now == storage && g->storage_offset() == offset && g->numel() == numel &&
+           g->dtype() == dtype && g->is_contiguous() == contiguous &&
+           (contiguous || layout_of(g) == sizes_and_strides);
+  }
+
+  static std::vector<int64_t> layout_of(const c10::TensorImpl* g) {
+    std::vector<int64_t> out = g->sizes().vec();
+    out.insert(out.end(), g->strides().begin(), g->strides().end());
+    return out;
+  }
+};
+
+// The gradient of the parameter behind a Python object (null when it has none), read straight from
+// the TensorImpl: Tensor::grad() also asks the autograd hooks whether to warn about non-leaves.
+const c10::TensorImpl* grad_impl(PyObject* param) {
+  const at::Tensor& g = THPVariable_Unpack(param).unsafeGetTensorImpl()->grad();
+  return g.defined() ? g.unsafeGetTensorImpl() : nullptr;
+}
+
+// Whether the kernels can keep a gradient in a plan across steps: a dense tensor of a supported
+// dtype, owning its memory, not a subclass (a DTensor is reduced over its mesh by
+// gradstats.distributed) and walkable in place (a cached contiguous copy would go stale).
+bool plannable(const at::Tensor& g, c10::Device device) {
+  const at::ScalarType type =
+      g.is_complex() ? c10::toRealValueType(g.scalar_type()) : g.scalar_type();
+  const bool supported =
+      type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+  return supported && g.layout() == c10::kStrided && g.device() == device &&
+         !g.key_set().has(c10::DispatchKey::Python) && gradstats::is_walkable(g) &&
+         at::has_internal_overlap(g) != at::MemOverlap::Yes;
+}
+
+// The native half of gradstats.GradPlan: a fixed list of parameters whose gradients are
+// validated, grouped and planned once (make_device_plan) and re-planned only when one changes
+// (a new or removed gradient, reallocated by zero_grad(set_to_none=True), a new shape or dtype).
+// Checking costs a few pointer compares per parameter; a step then runs the kernels on the plan:
+// no per-tensor checks, planning or dispatcher conversions.
+class GradPlan {
+ public:
+  explicit GradPlan(py::list params) : params_(std::move(params)) {}
+
+  // The parameters that have a gradient, in order.
+  py::list params_with_grads() {
+    refresh();
+    return with_grads_;
+  }
+
+  // Whether the gradients are planned: all on one device, every one plannable. Otherwise the
+  // Python side takes the functional path.
+  bool planned() {
+    refresh();
+    return plan_ != nullptr;
+  }
+
+  // Whether the norms of the planned gradients are float64 (checks.h norm_dtype).
+  bool wide_norms() {
+    refresh();
+    return wide_norms_;
+  }
+
+  // How many times the plan was built: once, and again after each change of a gradient.
+  int64_t builds() const { return builds_; }
+
+  // The stats op on the gradients (None when not planned); with clip, the scale op follows with
+  // the coefficient it computed, zeroing NaN/Inf under "zero".
+  py::object stats(double norm_type, double max_norm, c10::string_view on_nonfinite, bool wide,
+                   bool clip) {
+    refresh();
+    if (!plan_) return py::none();
+    const gradstats::NormSpec spec = gradstats::parse_norm_type(norm_type);
+    gradstats::parse_max_norm(max_norm);
+    const gradstats::Nonfinite policy = gradstats::parse_nonfinite(on_nonfinite);
+    const gradstats::StatsOutputs out = plan_->stats(spec, policy, max_norm, wide);
+    if (clip) {
+      std::optional<at::Tensor> zero;
+      if (policy == gradstats::Nonfinite::kZero) {
+        const auto n = static_cast<int64_t>(tensors_count_);
+        zero = out.counts.select(0, gradstats::kNonfiniteRow).narrow(0, 0, n);
+      }
+      plan_->scale(out.clip_coef, zero);
+    }
+    return py::make_tuple(out.total_norm, out.clip_coef, out.norms, out.counts);
+  }
+
+  // The scale op on the planned gradients.
+  void scale(const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite) {
+    refresh();
+    TORCH_CHECK(plan_, "gradstats: GradPlan.scale on gradients that are not planned");
+    std::vector<at::Tensor> grads;
+    grads.reserve(tensors_count_);
+    for (const py::handle item : with_grads_)
+      grads.push_back(THPVariable_Unpack(item.ptr()).grad());
+    plan_->scale(coef, gradstats::check_scale_args(grads, coef, zero_nonfinite));
+  }
+
+ private:
+  void refresh() {
+    if (built_ && fresh()) return;
+    signatures_.clear();
+    with_grads_ = py::list();
+    std::vector<at::Tensor> grads;
+    bool ok = true;
+    size_t index = 0;
+    for (const py::handle item : params_) {
+      const at::Tensor& g = unpack(item, index++, "GradPlan").grad();
+      signatures_.emplace_back(g.defined() ? g.unsafeGetTensorImpl() : nullptr);
+      if (!g.defined()) continue;
+      ok = ok && plannable(g, grads.empty() ? g.device() : grads[0].device());
+      with_grads_.append(item);
+      grads.push_back(g);
+    }
+    tensors_count_ = grads.size();
+    plan_.reset();
+    if (ok && !grads.empty()) {
+      std::vector<at::Tensor> prepared = gradstats::prepare_tensors(grads, "GradPlan", true);
+      wide_norms_ = gradstats::norm_dtype(prepared, /*wide=*/false) == at::kDouble;
+      plan_ = gradstats::make_device_plan(std::move(prepared));
+    }
+    built_ = true;
+    ++builds_;
+  }
+
+  bool fresh() const {
+    PyObject* list = params_.ptr();
+    const Py_ssize_t n = PyList_GET_SIZE(list);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!signatures_[i].matches(grad_impl(PyList_GET_ITEM(list, i)))) return false;
+    }
+    return true;
+  }
+
+  py::list params_;
+  py::list with_grads_;
+  std::vector<GradSignature> signatures_;
+  std::unique_ptr<gradstats::DevicePlan> plan_;
+  size_t tensors_count_ = 0;
+  bool wide_norms_ = false;
+  bool built_ = false;
+  int64_t builds_ = 0;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -98,6 +268,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "the messages of the scalar argument checks, by argument (csrc/checks.cpp)");
+  py::class_<GradPlan>(m, "GradPlan",
+                       "the native half of gradstats.GradPlan: gradients planned once, re-planned "
+                       "when one changes")
+      .def(py::init<py::list>())
+      .def("params_with_grads", &GradPlan::params_with_grads)
+      .def("planned", &GradPlan::planned)
+      .def("wide_norms", &GradPlan::wide_norms)
+      .def("builds", &GradPlan::builds)
+      .def("stats", &GradPlan::stats)
+      .def("scale", &GradPlan::scale);
   m.def("cpu_coef_at_least_one", &cpu_coef_at_least_one,
         "whether a CPU coefficient is >= 1; None on other devices");
 }

@@ -11,6 +11,7 @@ from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 from gradstats.monitor import Finding, GradMonitor, MonitorHistory
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
+from gradstats.plan import GradPlan
 from gradstats.stats import count_nonfinite, grad_stats
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ClipGradOptimizer",
     "Finding",
     "GradMonitor",
+    "GradPlan",
     "GradStats",
     "MonitorHistory",
     "__version__",

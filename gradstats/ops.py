@@ -7,6 +7,7 @@ the ops run under torch.compile, FakeTensor tracing and CUDA graph capture.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +51,11 @@ def device_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
             groups.setdefault(t.device, []).append(i)
         return list(groups.values())
     return _C.device_groups(list(tensors))
+
+
+def grad_plan(params: Sequence[Tensor]) -> Any:
+    """The native half of gradstats.GradPlan over these parameters (csrc/module.cpp)."""
+    return _C.GradPlan(list(params))
 
 
 def nothing_to_clip_on_cpu(coef: Tensor) -> bool:

@@ -12,10 +12,12 @@
 
 #include "checks.h"
 #include "cpu/simd.h"
+#include "device_plan.h"
 #include "layout.h"
 #include "partial.h"
 
-namespace gradstats::cpu {
+namespace gradstats {
+namespace cpu {
 namespace {
 
 // Below this many elements in a call, waking threads costs more than it saves.
@@ -28,6 +30,7 @@ constexpr int32_t kFlat = -1;
 struct Source {
   char* data;  // the tensor's first element
   int64_t numel;
+  int64_t index;  // in the plan's list of tensors
   DType dtype;
   int32_t layout;  // kFlat, or an index into Plan::layouts
 };
@@ -44,6 +47,7 @@ struct Plan {
   std::vector<Piece> pieces;
   std::vector<int64_t> piece_start;  // elements before each piece, over all pieces
   int64_t total_elems = 0;
+  bool single_pieces = true;  // no tensor has more than one piece
 
   // Calls f(offset, length, stride) for the rows holding elements [begin, end) of a source.
   template <typename F>
@@ -53,14 +57,15 @@ struct Plan {
   }
 };
 
-void add_source(Plan& plan, const at::Tensor& t, int64_t index, const char* op) {
-  Source s{static_cast<char*>(t.data_ptr()), t.numel(), dtype_tag(t.scalar_type()), kFlat};
+void add_source(Plan& plan, const at::Tensor& t, int64_t index) {
+  Source s{static_cast<char*>(t.data_ptr()), t.numel(), index, dtype_tag(t.scalar_type()), kFlat};
   if (!t.is_non_overlapping_and_dense()) {
     s.layout = static_cast<int32_t>(plan.layouts.size());
-    plan.layouts.push_back(tensor_layout(t, index, op));
+    plan.layouts.push_back(tensor_layout(t, index, "gradstats"));
   }
   const auto tensor = static_cast<int64_t>(plan.sources.size());
   plan.sources.push_back(s);
+  plan.single_pieces = plan.single_pieces && s.numel <= kChunkElems;
   for (int64_t begin = 0; begin < s.numel; begin += kChunkElems) {
     plan.piece_start.push_back(plan.total_elems);
     plan.pieces.push_back(Piece{tensor, begin, std::min(s.numel, begin + kChunkElems)});
@@ -136,17 +141,6 @@ Partial piece_partial(const Plan& plan, const Piece& piece, NormSpec spec) {
   return acc;
 }
 
-Plan make_plan(const std::vector<at::Tensor>& tensors, const char* op) {
-  Plan plan;
-  plan.sources.reserve(tensors.size());
-  plan.pieces.reserve(tensors.size());
-  plan.piece_start.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    add_source(plan, tensors[i], static_cast<int64_t>(i), op);
-  }
-  return plan;
-}
-
 template <typename T>
 void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, NormSpec spec,
                    Nonfinite policy, double max_norm, const StatsOutputs& out) {
@@ -168,78 +162,111 @@ void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, N
   *out.clip_coef.data_ptr<T>() = clip_coefficient<T>(total, max_norm, all, policy);
 }
 
+// The plan of a list: the pieces of every tensor the kernels walk (the others, only ever handed to
+// scale_, are scaled by scale_unwalkable).
+class CpuPlan final : public DevicePlan {
+ public:
+  explicit CpuPlan(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+    plan_.sources.reserve(tensors_.size());
+    plan_.pieces.reserve(tensors_.size());
+    plan_.piece_start.reserve(tensors_.size());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (is_walkable(tensors_[i])) add_source(plan_, tensors_[i], static_cast<int64_t>(i));
+    }
+  }
+
+  StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const override {
+    std::vector<Partial> per_tensor(tensors_.size(), empty_partial());
+    if (plan_.single_pieces) {
+      // Every tensor in one piece (a list of small tensors): each piece's partial is its tensor's.
+      for_each_piece(plan_, [&](int64_t i) {
+        const Piece& piece = plan_.pieces[i];
+        per_tensor[plan_.sources[piece.tensor].index] = piece_partial(plan_, piece, spec);
+      });
+    } else {
+      std::vector<Partial> partials(plan_.pieces.size());
+      for_each_piece(plan_,
+                     [&](int64_t i) { partials[i] = piece_partial(plan_, plan_.pieces[i], spec); });
+      for (size_t i = 0; i < plan_.pieces.size(); ++i) {
+        combine(per_tensor[plan_.sources[plan_.pieces[i].tensor].index], partials[i], spec);
+      }
+    }
+    Partial all = empty_partial();
+    for (const Partial& p : per_tensor) combine(all, total_term(p, spec, policy), spec);
+
+    const StatsOutputs out = allocate_stats_outputs(tensors_, wide);
+    if (out.norms.scalar_type() == at::kDouble) {
+      write_outputs<double>(per_tensor, all, spec, policy, max_norm, out);
+    } else {
+      write_outputs<float>(per_tensor, all, spec, policy, max_norm, out);
+    }
+    return out;
+  }
+
+  void scale(const at::Tensor& coef_tensor,
+             const std::optional<at::Tensor>& zero_counts) const override {
+    const double coef = coef_tensor.item<double>();
+    const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as torch
+    const at::Tensor counts = zero_counts ? zero_counts->contiguous() : at::Tensor();
+    const int64_t* nonfinite = zero_counts ? counts.data_ptr<int64_t>() : nullptr;
+    const auto zeroes = [&](const Source& src) {
+      return nonfinite != nullptr && nonfinite[src.index] > 0;
+    };
+    // Nothing clipped and nothing zeroed: no tensor is visited at all.
+    if (clips || nonfinite != nullptr) {
+      const double factor = clips ? coef : 1.0;
+      for_each_piece(plan_, [&](int64_t i) {
+        const Piece& piece = plan_.pieces[i];
+        const Source& src = plan_.sources[piece.tensor];
+        const bool zero = zeroes(src);
+        if (!clips && !zero) return;
+        dispatch_dtype(src.dtype, [&](auto tag) {
+          using T = decltype(tag);
+          T* base = reinterpret_cast<T*>(src.data);
+          plan_.for_each_row(src, piece, [&](int64_t off, int64_t n, int64_t stride) {
+            scale_row(base + off, n, stride, factor, zero);
+          });
+        });
+      });
+    }
+    scale_unwalkable(tensors_, coef_tensor, zero_counts);
+  }
+
+ private:
+  std::vector<at::Tensor> tensors_;  // kept alive: the plan points into them
+  Plan plan_;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(at::TensorList tensor_list,
                                                                      double norm_type,
                                                                      double max_norm,
                                                                      c10::string_view on_nonfinite,
                                                                      bool wide) {
-  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
   const NormSpec spec = parse_norm_type(norm_type);
   parse_max_norm(max_norm);
   const Nonfinite policy = parse_nonfinite(on_nonfinite);
-  const Plan plan = make_plan(tensors, "stats");
-
-  std::vector<Partial> partials(plan.pieces.size());
-  for_each_piece(plan, [&](int64_t i) {
-    const Piece& piece = plan.pieces[i];
-    partials[i] = piece_partial(plan, piece, spec);
-  });
-
-  std::vector<Partial> per_tensor(tensors.size(), empty_partial());
-  for (size_t i = 0; i < plan.pieces.size(); ++i) {
-    combine(per_tensor[plan.pieces[i].tensor], partials[i], spec);
-  }
-  Partial all = empty_partial();
-  for (const Partial& p : per_tensor) combine(all, total_term(p, spec, policy), spec);
-
-  const StatsOutputs out = allocate_stats_outputs(tensors, wide);
-  if (out.norms.scalar_type() == at::kDouble) {
-    write_outputs<double>(per_tensor, all, spec, policy, max_norm, out);
-  } else {
-    write_outputs<float>(per_tensor, all, spec, policy, max_norm, out);
-  }
+  const StatsOutputs out = CpuPlan(std::move(tensors)).stats(spec, policy, max_norm, wide);
   return {out.total_norm, out.clip_coef, out.norms, out.counts};
 }
 
-void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef_tensor,
+void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef,
                const std::optional<at::Tensor>& zero_nonfinite) {
-  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
-  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef_tensor, zero_nonfinite);
-  const double coef = coef_tensor.item<double>();
-  const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as in torch
-  const at::Tensor nonfinite_counts = counts ? counts->contiguous() : at::Tensor();
-  const int64_t* nonfinite = counts ? nonfinite_counts.data_ptr<int64_t>() : nullptr;
-
-  // Only the tensors that change are visited: none at all when nothing is clipped or zeroed.
-  Plan plan;
-  std::vector<bool> zeroes;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const bool zero = nonfinite != nullptr && nonfinite[i] > 0;
-    if ((!clips && !zero) || !is_walkable(tensors[i])) continue;
-    add_source(plan, tensors[i], static_cast<int64_t>(i), "scale_");
-    zeroes.push_back(zero);
-  }
-  const double factor = clips ? coef : 1.0;
-  for_each_piece(plan, [&](int64_t i) {
-    const Piece& piece = plan.pieces[i];
-    const Source& src = plan.sources[piece.tensor];
-    const bool zero = zeroes[piece.tensor];
-    dispatch_dtype(src.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      T* base = reinterpret_cast<T*>(src.data);
-      plan.for_each_row(src, piece, [&](int64_t off, int64_t n, int64_t stride) {
-        scale_row(base + off, n, stride, factor, zero);
-      });
-    });
-  });
-  scale_unwalkable(tensors, coef_tensor, counts);
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
+  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
+  CpuPlan(std::move(tensors)).scale(coef, counts);
 }
 
 }  // namespace
+}  // namespace cpu
 
-TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
-  m.impl("stats", &stats_cpu);
-  m.impl("scale_", &scale_cpu);
+std::unique_ptr<DevicePlan> make_cpu_plan(std::vector<at::Tensor> tensors) {
+  return std::make_unique<cpu::CpuPlan>(std::move(tensors));
 }
 
-}  // namespace gradstats::cpu
+TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
+  m.impl("stats", &cpu::stats_cpu);
+  m.impl("scale_", &cpu::scale_cpu);
+}
+
+}  // namespace gradstats

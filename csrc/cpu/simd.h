@@ -118,8 +118,20 @@ inline void add_step(const T* p, V (&acc)[kAccs]) {
   for (int k = 0; k < kAccs; ++k) acc[k] = add_term<K>(acc[k], x[k]);
 }
 
+// The scalar tail of a row, each term in double: all of a row shorter than one group (a bias, a
+// norm's scale), where setting up the vector accumulators would cost more than the sum.
+template <NormKind K, typename T>
+double scalar_row_sum(const T* p, int64_t n, double total) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(p[i]));
+    total = merge<K>(K == NormKind::kL2 ? a * a : a, total);
+  }
+  return total;
+}
+
 template <NormKind K, typename T>
 double fast_row_sum(const T* p, int64_t n) {
+  if (n < kGroup<T>) return scalar_row_sum<K>(p, n, 0.0);
   using V = Vec<T>;
   using S = opmath_t<T>;
   constexpr int64_t kBlock = kGroup<T> * kFlushGroups;
@@ -145,11 +157,7 @@ double fast_row_sum(const T* p, int64_t n) {
   flush<K>(acc, totals);
   double total = 0.0;
   for (double t : totals) total = merge<K>(t, total);
-  for (; i < n; ++i) {
-    const double a = std::fabs(static_cast<double>(p[i]));
-    total = merge<K>(K == NormKind::kL2 ? a * a : a, total);
-  }
-  return total;
+  return scalar_row_sum<K>(p + i, n - i, total);
 }
 
 // Sum of |x|^p (max |x| for inf) over a contiguous row, for p = 1, 2 or inf, with no masking: the

@@ -21,8 +21,10 @@
 #include "checks.h"
 #include "cuda/launch.h"
 #include "cuda/planner.h"
+#include "device_plan.h"
 
-namespace gradstats::gpu {
+namespace gradstats {
+namespace gpu {
 namespace {
 
 // SMs of a device, asked once per device (an attribute query, not a synchronisation).
@@ -46,7 +48,7 @@ int grid_size(int64_t chunks, c10::DeviceIndex device) {
 // The planner's view of the tensors. A tensor the kernels cannot walk (only scale_ is handed
 // any: stats reads them through contiguous copies) is described as empty, so that it keeps its
 // place in the list (the zeroing counts are indexed by it) and scale_unwalkable does it.
-std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors, const char* op) {
+std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors) {
   std::vector<TensorDesc> descs;
   descs.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -54,7 +56,7 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors, const c
     const int64_t empty[] = {0};
     Layout layout;
     if (is_walkable(t)) {
-      layout = tensor_layout(t, static_cast<int64_t>(i), op);
+      layout = tensor_layout(t, static_cast<int64_t>(i), "gradstats");
     } else {
       make_layout(empty, empty, 1, layout);
     }
@@ -63,25 +65,6 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors, const c
                                layout});
   }
   return descs;
-}
-
-// Plans a call with the small table when one small launch holds it, else with large tables, and
-// calls run(table, k, plan) for each launch k of the plan, in order.
-template <typename Run>
-void plan_and_run(const std::vector<TensorDesc>& descs, Run&& run) {
-  const auto run_all = [&](auto table, const CallPlan& plan) {
-    for (size_t k = 0; k < plan.launches.size(); ++k) {
-      pack_launch(descs, plan.launches[k], *table);
-      run(*table, k, plan);
-    }
-  };
-  const CallPlan small = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
-  if (small.launches.size() == 1) {
-    run_all(std::make_unique<SmallTable>(), small);
-  } else {
-    run_all(std::make_unique<LargeTable>(),
-            plan_call(descs, LargeTable::kCapacity, LargeTable::kDimCapacity));
-  }
 }
 
 // Everything the stats kernels write besides the outputs: one Partial per chunk and per tensor,
@@ -107,50 +90,6 @@ Workspace make_workspace(const at::Tensor& like, int64_t chunks, int64_t tensors
   return ws;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cuda(at::TensorList tensor_list,
-                                                                      double norm_type,
-                                                                      double max_norm,
-                                                                      c10::string_view on_nonfinite,
-                                                                      bool wide) {
-  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
-  const NormSpec spec = parse_norm_type(norm_type);
-  parse_max_norm(max_norm);
-  const Nonfinite policy = parse_nonfinite(on_nonfinite);
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const c10::DeviceIndex device = tensors[0].device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const std::vector<TensorDesc> descs = describe(tensors, "stats");
-  const StatsOutputs out = allocate_stats_outputs(tensors, wide);
-  const auto n = static_cast<int64_t>(tensors.size());
-
-  StatsArgs args{};
-  args.norms = out.norms.data_ptr();
-  args.total_norm = out.total_norm.data_ptr();
-  args.clip_coef = out.clip_coef.data_ptr();
-  args.counts = out.counts.data_ptr<int64_t>();
-  args.num_tensors = n;
-  args.max_norm = max_norm;
-  args.spec = spec;
-  args.policy = policy;
-  args.out_double = out.norms.scalar_type() == at::kDouble;
-
-  Workspace ws;
-  plan_and_run(descs, [&](const auto& table, size_t k, const CallPlan& plan) {
-    const auto launches = static_cast<int64_t>(plan.launches.size());
-    if (k == 0) {
-      ws = make_workspace(tensors[0], plan.num_chunks, n, launches);
-      // The counters start at zero in every call (and every graph replay); a memset is no kernel.
-      C10_CUDA_CHECK(cudaMemsetAsync(ws.done_blocks, 0, launches * sizeof(unsigned int), stream));
-    }
-    args.chunk_partials = ws.chunk_partials;
-    args.tensor_partials = ws.tensor_partials;
-    args.done_blocks = ws.done_blocks + k;
-    args.last_launch = static_cast<int64_t>(k) + 1 == launches;
-    launch_stats(table, args, grid_size(plan.launches[k].num_chunks, device), stream);
-  });
-  return {out.total_norm, out.clip_coef, out.norms, out.counts};
-}
-
 // The coefficient as the kernel reads it: one of the four element types (others converted on
 // the device, without a sync).
 at::Tensor readable_coef(const at::Tensor& coef) {
@@ -165,34 +104,129 @@ at::Tensor readable_coef(const at::Tensor& coef) {
   }
 }
 
-void scale_cuda(at::TensorList tensor_list, const at::Tensor& coef_tensor,
-                const std::optional<at::Tensor>& zero_nonfinite) {
-  const std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
-  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef_tensor, zero_nonfinite);
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const c10::DeviceIndex device = tensors[0].device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const at::Tensor coef = readable_coef(coef_tensor);
+// The plan of a list: its launches, with the small table when one small launch holds it, else with
+// large tables, each table packed once.
+class CudaPlan final : public DevicePlan {
+ public:
+  explicit CudaPlan(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+    const std::vector<TensorDesc> descs = describe(tensors_);
+    plan_ = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
+    if (plan_.launches.size() == 1) {
+      pack(descs, small_);
+    } else {
+      plan_ = plan_call(descs, LargeTable::kCapacity, LargeTable::kDimCapacity);
+      pack(descs, large_);
+    }
+  }
 
-  ScaleArgs args{};
-  args.coef = coef.data_ptr();
-  args.coef_dtype = dtype_tag(coef.scalar_type());
-  args.zero_counts = counts ? counts->data_ptr<int64_t>() : nullptr;
-  args.zero_stride = counts ? counts->stride(0) : 0;
-  plan_and_run(describe(tensors, "scale_"), [&](const auto& table, size_t k, const CallPlan& plan) {
-    const int64_t chunks = plan.launches[k].num_chunks;
-    if (chunks > 0) launch_scale(table, args, grid_size(chunks, device), stream);
-  });
-  scale_unwalkable(tensors, coef, counts);
+  StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const override {
+    const c10::cuda::CUDAGuard guard(tensors_[0].device());
+    const c10::DeviceIndex device = tensors_[0].device().index();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    const StatsOutputs out = allocate_stats_outputs(tensors_, wide);
+    const auto n = static_cast<int64_t>(tensors_.size());
+    const auto launches = static_cast<int64_t>(plan_.launches.size());
+
+    StatsArgs args{};
+    args.norms = out.norms.data_ptr();
+    args.total_norm = out.total_norm.data_ptr();
+    args.clip_coef = out.clip_coef.data_ptr();
+    args.counts = out.counts.data_ptr<int64_t>();
+    args.num_tensors = n;
+    args.max_norm = max_norm;
+    args.spec = spec;
+    args.policy = policy;
+    args.out_double = out.norms.scalar_type() == at::kDouble;
+    const Workspace ws = make_workspace(tensors_[0], plan_.num_chunks, n, launches);
+    // The counters start at zero in every call (and every graph replay); a memset is no kernel.
+    C10_CUDA_CHECK(cudaMemsetAsync(ws.done_blocks, 0, launches * sizeof(unsigned int), stream));
+    args.chunk_partials = ws.chunk_partials;
+    args.tensor_partials = ws.tensor_partials;
+    run_launches([&](const auto& table, size_t k) {
+      args.done_blocks = ws.done_blocks + k;
+      args.last_launch = static_cast<int64_t>(k) + 1 == launches;
+      launch_stats(table, args, grid_size(plan_.launches[k].num_chunks, device), stream);
+    });
+    return out;
+  }
+
+  void scale(const at::Tensor& coef_tensor,
+             const std::optional<at::Tensor>& zero_counts) const override {
+    const c10::cuda::CUDAGuard guard(tensors_[0].device());
+    const c10::DeviceIndex device = tensors_[0].device().index();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    const at::Tensor coef = readable_coef(coef_tensor);
+    ScaleArgs args{};
+    args.coef = coef.data_ptr();
+    args.coef_dtype = dtype_tag(coef.scalar_type());
+    args.zero_counts = zero_counts ? zero_counts->data_ptr<int64_t>() : nullptr;
+    args.zero_stride = zero_counts ? zero_counts->stride(0) : 0;
+    run_launches([&](const auto& table, size_t k) {
+      const int64_t chunks = plan_.launches[k].num_chunks;
+      if (chunks > 0) launch_scale(table, args, grid_size(chunks, device), stream);
+    });
+    scale_unwalkable(tensors_, coef, zero_counts);
+  }
+
+ private:
+  template <class Table>
+  void pack(const std::vector<TensorDesc>& descs, std::vector<std::unique_ptr<Table>>& tables) {
+    for (const LaunchPlan& launch : plan_.launches) {
+      tables.push_back(std::make_unique<Table>());
+      pack_launch(descs, launch, *tables.back());
+    }
+  }
+
+  // Calls run(table, k) for each launch k, in order.
+  template <typename Run>
+  void run_launches(Run&& run) const {
+    for (size_t k = 0; k < plan_.launches.size(); ++k) {
+      if (small_.empty()) {
+        run(*large_[k], k);
+      } else {
+        run(*small_[k], k);
+      }
+    }
+  }
+
+  std::vector<at::Tensor> tensors_;  // kept alive: the tables hold their addresses
+  CallPlan plan_;
+  std::vector<std::unique_ptr<SmallTable>> small_;
+  std::vector<std::unique_ptr<LargeTable>> large_;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cuda(at::TensorList tensor_list,
+                                                                      double norm_type,
+                                                                      double max_norm,
+                                                                      c10::string_view on_nonfinite,
+                                                                      bool wide) {
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
+  const NormSpec spec = parse_norm_type(norm_type);
+  parse_max_norm(max_norm);
+  const Nonfinite policy = parse_nonfinite(on_nonfinite);
+  const StatsOutputs out = CudaPlan(std::move(tensors)).stats(spec, policy, max_norm, wide);
+  return {out.total_norm, out.clip_coef, out.norms, out.counts};
+}
+
+void scale_cuda(at::TensorList tensor_list, const at::Tensor& coef,
+                const std::optional<at::Tensor>& zero_nonfinite) {
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
+  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
+  CudaPlan(std::move(tensors)).scale(coef, counts);
 }
 
 }  // namespace
+}  // namespace gpu
 
-TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
-  m.impl("stats", &stats_cuda);
-  m.impl("scale_", &scale_cuda);
+std::unique_ptr<DevicePlan> make_cuda_plan(std::vector<at::Tensor> tensors) {
+  return std::make_unique<gpu::CudaPlan>(std::move(tensors));
 }
 
-}  // namespace gradstats::gpu
+TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
+  m.impl("stats", &gpu::stats_cuda);
+  m.impl("scale_", &gpu::scale_cuda);
+}
+
+}  // namespace gradstats
 
 #endif  // GRADSTATS_WITH_CUDA

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradstats._core import GradStats, apply_clip, group_by_device_and_dtype
+from gradstats._core import GradStats, group_by_device_and_dtype, local_tensors
+from gradstats.plan import GradPlan
 
 # Fused kernels divide by grad_scale = 1 / coef in float32: a coefficient below this (a norm
 # beyond ~1e30 x max_norm) is applied in place first, so that grad_scale stays finite.
@@ -67,7 +68,7 @@ def inner_step(optimizer: Optimizer, closure: Callable[[], Any] | None) -> None:
 
 def fused_step(
     optimizer: Optimizer,
-    grads: list[Tensor],
+    plan: GradPlan,
     stats: GradStats,
     mode: StepMode,
     device_skip: Tensor | None,
@@ -83,7 +84,7 @@ def fused_step(
         # kernel touches nothing when the factor is 1 and nothing is zeroed); "skip" and
         # "error" never step on a non-finite norm, so their coefficient is never that small.
         zero = stats.nonfinite if mode.policy == "zero" else None
-        apply_clip(grads, coef / kept, zero)
+        plan.apply_clip(coef / kept, zero)
     grad_scale = torch.reciprocal(kept)
     if mode.loss_scale is not None:
         grad_scale = grad_scale * mode.loss_scale.to(coef.device, torch.float32)
@@ -93,18 +94,18 @@ def fused_step(
 
 def inplace_step(
     optimizer: Optimizer,
-    grads: list[Tensor],
+    plan: GradPlan,
     stats: GradStats,
     mode: StepMode,
     closure: Callable[[], Any] | None,
 ) -> None:
     if mode.loss_scale is None:
         zero = stats.nonfinite if mode.policy == "zero" else None
-        apply_clip(grads, stats.clip_coef, zero)
+        plan.apply_clip(stats.clip_coef, zero)
     else:
         # Unscaling must multiply even when the factor is >= 1, which the fused scale skips.
         coef = stats.clip_coef
         factor = coef / mode.loss_scale.to(coef.device, coef.dtype)
-        for group in group_by_device_and_dtype(grads):
+        for group in group_by_device_and_dtype(local_tensors(plan.grads())):
             torch._foreach_mul_(group, factor.to(group[0].device))
     inner_step(optimizer, closure)

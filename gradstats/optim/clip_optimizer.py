@@ -34,22 +34,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradstats import ops
 from gradstats._core import (
     GradStats,
-    apply_clip,
     check_int,
     check_max_norm,
     check_norm_type,
     check_on_nonfinite,
     clip_coef,
     kernel_policy,
-    local_tensors,
     nonfinite_report,
 )
-from gradstats.distributed import check_process_group, statistics
+from gradstats.distributed import check_process_group
 from gradstats.optim._step import StepMode, fused_step, inner_step, inplace_step
 from gradstats.optim.adaptive import AdaptiveClip
+from gradstats.plan import GradPlan
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -153,6 +151,9 @@ class ClipGradOptimizer(Optimizer):
             "skipped": torch.zeros((), dtype=torch.bool),
             "threshold": self._max_norm,
             "params": [],
+            # The GradPlan of the param_groups, and the groups it was made for.
+            "plan": None,
+            "plan_key": None,
         }
         # Optimizer.__init__ is not called (it would re-add the inner optimizer's groups); these
         # are the pieces of it that the hooks and the profiler need.
@@ -217,7 +218,10 @@ class ClipGradOptimizer(Optimizer):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # The GradPlan holds native state for these very parameters: made again after a copy.
+        state["_run"] = {**self._run, "plan": None, "plan_key": None}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -259,8 +263,16 @@ class ClipGradOptimizer(Optimizer):
             self._clip_and_step(evaluate)
         return loss
 
-    def _params_with_grads(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _plan(self) -> GradPlan:
+        """The GradPlan of every parameter of the param_groups, made again when the groups change
+        (add_param_group, or a group's params replaced): a step costs no loop over the
+        parameters in Python."""
+        run = self._run
+        key = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if run["plan_key"] != key:
+            run["plan"] = GradPlan([p for g in self.param_groups for p in g["params"]])
+            run["plan_key"] = key
+        return run["plan"]
 
     def _param_names(self, params: list[Tensor]) -> list[str]:
         """Names from named_parameters() when the groups have them, else param_groups[i][j]."""
@@ -290,7 +302,7 @@ class ClipGradOptimizer(Optimizer):
         )
 
     def _effective_stats(
-        self, st: GradStats, mode: StepMode, grads: list[Tensor]
+        self, st: GradStats, mode: StepMode, plan: GradPlan
     ) -> tuple[GradStats, Tensor | float]:
         """The statistics of the unscaled gradients with the coefficient this step applies, and
         the threshold it was computed from. Under a loss scale or an adaptive threshold st is
@@ -304,24 +316,23 @@ class ClipGradOptimizer(Optimizer):
             norms = norms / scale
         adaptive = self.adaptive
         threshold = self._max_norm if adaptive is None else adaptive.threshold(total.device)
-        dtype = ops.norm_dtype(grads)
+        dtype = plan.norm_dtype()
         narrow = total.to(dtype)
         skip = (st.nonfinite_count > 0) | ~torch.isfinite(narrow) if mode.skips else None
         coef = clip_coef(total, threshold, skip).to(dtype)
         return GradStats(narrow, coef, norms.to(dtype), st.counts, st.norm_type), threshold
 
     def _clip_and_step(self, closure: Callable[[], Any] | None) -> None:
-        params = self._params_with_grads()
+        plan = self._plan()
+        params = plan.params_with_grads
         # A rank without gradients still takes part in the process group's collective.
         if not params and self.process_group is None:
             inner_step(self.optimizer, closure)
             return
         mode = self._mode()
-        grads = [p.grad for p in params]
         # With a loss scale in the gradients the coefficient is computed after unscaling.
         max_norm = self._max_norm if mode.loss_scale is None else math.inf
-        raw = statistics(
-            grads,
+        raw = plan.statistics(
             self.norm_type,
             max_norm,
             kernel_policy(mode.policy),
@@ -329,7 +340,7 @@ class ClipGradOptimizer(Optimizer):
             wide=mode.wide,
         )
         self._to_device(raw.total_norm.device)
-        stats, threshold = self._effective_stats(raw, mode, grads)
+        stats, threshold = self._effective_stats(raw, mode, plan)
         found = stats.any_nonfinite
         if mode.scaler_found is not None:
             found = found | (mode.scaler_found.to(found.device) > 0)
@@ -357,12 +368,11 @@ class ClipGradOptimizer(Optimizer):
 
         if mode.skips and found_on_host:
             return
-        local = local_tensors(grads)
         if not mode.fused:
-            inplace_step(self.optimizer, local, stats, mode, closure)
+            inplace_step(self.optimizer, plan, stats, mode, closure)
             return
         device_skip = found if mode.skips and found_on_host is None else None
-        fused_step(self.optimizer, local, stats, mode, device_skip, closure)
+        fused_step(self.optimizer, plan, stats, mode, device_skip, closure)
         # Once a fused step has been taken without a device-side skip flag, later skips can be
         # left to the device (see the module docstring).
         run["fused_ready"] = run["fused_ready"] or device_skip is None
@@ -371,24 +381,19 @@ class ClipGradOptimizer(Optimizer):
         """Clips the gradients of a later closure evaluation within a step by the same rule (the
         step's threshold; NaN/Inf zeroed under "zero", left unclipped under "skip" and "error":
         the step was decided on its first evaluation)."""
-        params = self._params_with_grads()
-        if not params and self.process_group is None:
+        plan = self._plan()
+        if not plan.params_with_grads and self.process_group is None:
             return
-        policy = "zero" if self.on_nonfinite == "zero" else "skip"
-        if self.on_nonfinite == "propagate":
-            policy = "propagate"
+        policy = self.on_nonfinite if self.on_nonfinite in ("zero", "propagate") else "skip"
         threshold = self._run["threshold"]
         fixed = not isinstance(threshold, Tensor)
-        grads = [p.grad for p in params]
-        st = statistics(
-            grads, self.norm_type, threshold if fixed else math.inf, policy, self.process_group
-        )
+        limit = threshold if fixed else math.inf
+        st = plan.statistics(self.norm_type, limit, policy, self.process_group)
         coef = st.clip_coef
         if not fixed:
-            coef = clip_coef(
-                st.total_norm, threshold, st.any_nonfinite if policy == "skip" else None
-            )
-        apply_clip(local_tensors(grads), coef, st.nonfinite if policy == "zero" else None)
+            skip = st.any_nonfinite if policy == "skip" else None
+            coef = clip_coef(st.total_norm, threshold, skip)
+        plan.apply_clip(coef, st.nonfinite if policy == "zero" else None)
 
     def _needs_host(self, mode: StepMode) -> bool:
         device_can_skip = mode.fused and self._run["fused_ready"]

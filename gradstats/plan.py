@@ -1,0 +1,174 @@
+"""L3: GradPlan, a cached plan for a parameter set that does not change between steps.
+
+    plan = gradstats.GradPlan(model.parameters())
+    ...
+    loss.backward()
+    norm = plan.clip_grad_norm_(max_norm=1.0)   # the same keywords as gradstats.clip_grad_norm_
+
+The gradients are validated and planned once (on CUDA: the launches' tensor tables packed once) and
+re-planned only when one changes: a gradient reallocated (zero_grad(set_to_none=True)), set to None
+or given for the first time, a new shape, dtype or device. That check is native (a few pointer
+compares per parameter), so a step costs a constant number of Python calls and one native call,
+not a list of N tensors through the dispatcher. The results are bitwise those of the functional
+API. DTensor gradients, a process_group, gradients on several devices and torch.compile take the
+functional path (the same results, without the cache).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from gradstats import ops
+from gradstats._core import (
+    GradStats,
+    TensorOrTensors,
+    apply_clip,
+    as_tensor_list,
+    check_max_norm,
+    check_norm_type,
+    check_on_nonfinite,
+    raise_if_nonfinite,
+)
+from gradstats.clip import clip_grad_norm_
+from gradstats.distributed import statistics
+from gradstats.stats import grad_stats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+class GradPlan:
+    """The gradients of a fixed list of parameters, planned once for every later step.
+
+    clip_grad_norm_ and grad_stats take the keywords of gradstats.clip_grad_norm_ and
+    gradstats.grad_stats (less the parameters) and return the same results.
+    """
+
+    def __init__(self, parameters: TensorOrTensors) -> None:
+        self._params = as_tensor_list(parameters)
+        for i, p in enumerate(self._params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"GradPlan: item {i} is a {type(p).__name__}, expected a tensor")
+        self._native = ops.grad_plan(self._params)
+
+    def __repr__(self) -> str:
+        return f"GradPlan({len(self._params)} parameters, built {self.builds} times)"
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters, as given."""
+        return self._params
+
+    @property
+    def params_with_grads(self) -> list[Tensor]:
+        """The parameters that have a gradient now, in order."""
+        if torch.compiler.is_compiling():
+            return [p for p in self._params if p.grad is not None]
+        return self._native.params_with_grads()
+
+    @property
+    def builds(self) -> int:
+        """How many times the gradients were planned: once, then again after each change."""
+        return self._native.builds()
+
+    def norm_dtype(self) -> torch.dtype:
+        """The dtype of the gradients' norms (ops.norm_dtype)."""
+        if not torch.compiler.is_compiling() and self._native.planned():
+            return torch.float64 if self._native.wide_norms() else torch.float32
+        return ops.norm_dtype(self.grads())
+
+    def grads(self) -> list[Tensor]:
+        """The gradients, in the order of params_with_grads."""
+        return [p.grad for p in self.params_with_grads]
+
+    def _native_ok(self, process_group: ProcessGroup | None) -> bool:
+        return process_group is None and not torch.compiler.is_compiling()
+
+    def statistics(
+        self,
+        norm_type: float,
+        max_norm: float,
+        on_nonfinite: str,
+        process_group: ProcessGroup | None = None,
+        per_tensor: bool = True,
+        wide: bool = False,
+    ) -> GradStats:
+        """distributed.statistics of the gradients (arguments checked; on_nonfinite a kernel
+        policy), from the plan when it serves them."""
+        if self._native_ok(process_group):
+            out = self._native.stats(norm_type, max_norm, on_nonfinite, wide, False)
+            if out is not None:
+                return GradStats(*out, norm_type)
+        grads = self.grads()
+        return statistics(grads, norm_type, max_norm, on_nonfinite, process_group, per_tensor, wide)
+
+    def apply_clip(self, coef: Tensor, zero_counts: Tensor | None = None) -> None:
+        """_core.apply_clip of the gradients, from the plan when it serves them."""
+        if self._native_ok(None) and self._native.planned():
+            if zero_counts is None and ops.nothing_to_clip_on_cpu(coef):
+                return
+            self._native.scale(coef, zero_counts)
+            return
+        apply_clip(self.grads(), coef, zero_counts)
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+        *,
+        on_nonfinite: str = "propagate",
+        process_group: ProcessGroup | None = None,
+    ) -> Tensor:
+        """gradstats.clip_grad_norm_ of the parameters: the statistics and the clip in one native
+        call (two with "error", whose raise comes between them)."""
+        policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
+        p = check_norm_type(norm_type)
+        limit = check_max_norm(max_norm)
+        if self._native_ok(process_group):
+            if policy != "error":
+                out = self._native.stats(p, limit, policy, False, True)
+                if out is not None:
+                    return out[0]
+            else:
+                out = self._native.stats(p, limit, "propagate", False, False)
+                if out is not None:
+                    st = GradStats(*out, p)
+                    raise_if_nonfinite(st, self.grads(), p, norm_only=error_if_nonfinite)
+                    self.apply_clip(st.clip_coef)
+                    return st.total_norm
+        return clip_grad_norm_(
+            self._params,
+            max_norm,
+            norm_type,
+            error_if_nonfinite,
+            foreach,
+            on_nonfinite=on_nonfinite,
+            process_group=process_group,
+        )
+
+    def grad_stats(
+        self,
+        norm_type: float | str = 2.0,
+        max_norm: float | None = None,
+        per_tensor: bool = True,
+        *,
+        process_group: ProcessGroup | None = None,
+    ) -> GradStats:
+        """gradstats.grad_stats of the parameters' gradients."""
+        p = check_norm_type(norm_type)
+        limit = math.inf if max_norm is None else check_max_norm(max_norm)
+        if self._native_ok(process_group):
+            out = self._native.stats(p, limit, "propagate", False, False)
+            if out is not None:
+                total, coef, norms, counts = out
+                coef = None if max_norm is None else coef
+                return GradStats(total, coef, norms if per_tensor else None, counts, p)
+        return grad_stats(
+            self._params, norm_type, max_norm, per_tensor, process_group=process_group
+        )
