@@ -1,0 +1,173 @@
+"""The monitor's ring buffers on the device: one row per step, `window` rows, written without any
+host synchronisation and read back in one copy.
+
+A step costs one torch.cat into the gradient ring plus a reset of the site rows; a hook call costs
+the fused op plus a few small writes. Each small op costs microseconds of CPU time, so there are as
+few as possible: the first-step-with-NaN latches are brought up to date once every `window` steps
+(fold), just before a ring starts to overwrite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradstats._core import INF_ROW, NAN_ROW, NONFINITE_ROW
+
+# "Never" in the first-step-with-NaN latches: a power of two, so that the float64 snapshot holds it
+# exactly, and larger than any step.
+NEVER = 2**62
+# A gradient ring row ends with the total norm, the clip coefficient and the skipped flag.
+GRAD_SCALARS = 3
+
+
+def normal_tensors() -> torch.inference_mode:
+    """Buffers made during an inference_mode forward must still take in-place updates later."""
+    return torch.inference_mode(False)
+
+
+def fold(latch: Tensor, bad: Tensor, first_step: int) -> None:
+    """latch = min(latch, the first step whose row in bad [window, ...] is set), on the device;
+    row r of bad is step first_step + r."""
+    shape = (bad.shape[0],) + (1,) * (bad.dim() - 1)
+    steps = torch.arange(first_step, first_step + bad.shape[0], device=bad.device).reshape(shape)
+    torch.minimum(latch, torch.where(bad, steps, NEVER).amin(0), out=latch)
+
+
+def first_step(latch: np.ndarray, bad_counts: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The first step with NaN/Inf per column, from the latch and the kept rows; -1 for never."""
+    bad = bad_counts > 0
+    in_rows = np.where(bad.any(axis=0), steps[np.argmax(bad, axis=0)] if steps.size else 0, NEVER)
+    first = np.minimum(latch, in_rows)
+    return np.where(first >= NEVER, -1, first).astype(np.int64)
+
+
+def grow_columns(t: Tensor, size: int, fill: float | bool) -> Tensor:
+    """t with its last dimension grown to size, the new columns set to fill."""
+    grown = torch.full((*t.shape[:-1], size), fill, dtype=t.dtype, device=t.device)
+    grown[..., : t.shape[-1]].copy_(t)
+    return grown
+
+
+def kept_steps(num_steps: int, window: int) -> np.ndarray:
+    """The gradient rows still in the ring: the last `window` completed steps."""
+    return np.arange(max(0, num_steps - window), num_steps)
+
+
+def site_kept_steps(num_steps: int, window: int) -> np.ndarray:
+    """The site rows still in the ring: the last `window` steps, the one in progress included."""
+    return np.arange(max(0, num_steps - window + 1), num_steps + 1)
+
+
+class GradRing:
+    """Per step: per-parameter norms [n], NaN counts [n], Inf counts [n], then the total norm, the
+    clip coefficient and the skipped flag, in one float64 row (counts stay exact); and each
+    parameter's first step with NaN/Inf, over the whole run."""
+
+    def __init__(self, n: int, window: int, device: torch.device) -> None:
+        f64 = {"dtype": torch.float64, "device": device}
+        self.n, self.window, self.device = n, window, device
+        self.blank = torch.cat(
+            [
+                torch.full((n,), math.nan, **f64),
+                torch.zeros(2 * n, **f64),
+                torch.tensor([math.nan, 1.0, math.nan], **f64),
+            ]
+        )
+        self.ring = self.blank.repeat(window, 1)
+        # The rows as views made once: indexing a tensor from Python costs microseconds.
+        self.rows = list(self.ring.unbind(0))
+        self.first = torch.full((n,), NEVER, dtype=torch.int64, device=device)
+        self.constants = {
+            "nan": torch.full((1,), math.nan, **f64),
+            "one": torch.ones(1, **f64),
+            "zero": torch.zeros(1, **f64),
+        }
+
+    def row(self, step: int) -> Tensor:
+        return self.rows[step % self.window]
+
+    def fold(self, step: int) -> None:
+        """Moves each parameter's first step with NaN/Inf from the ring into the latch, before the
+        ring overwrites its rows; row r then holds step (step - window + r)."""
+        n = self.n
+        bad = (self.ring[:, n : 2 * n] + self.ring[:, 2 * n : 3 * n]) > 0
+        fold(self.first, bad, step - self.window)
+
+    def buffers(self) -> list[Tensor]:
+        return [self.ring, self.first]
+
+
+class SiteRing:
+    """Watched inputs and module outputs ("sites"), per step: NaN and Inf counts, largest finite
+    |x| (float32: the fused op's norm dtype for all but float64 inputs), and whether each hook call
+    saw NaN/Inf (with the sites of each call, on the host): the first call that saw any names the
+    first site to produce them. Columns appear as the forward runs and grow by doubling."""
+
+    def __init__(self, window: int, device: torch.device, columns: int) -> None:
+        self.window, self.device = window, device
+        self.counts = torch.zeros((window, 2, columns), dtype=torch.int64, device=device)
+        self.max_abs = torch.full((window, columns), -math.inf, dtype=torch.float32, device=device)
+        self.first = torch.full((columns,), NEVER, dtype=torch.int64, device=device)
+        self.call_log = torch.zeros((window, columns), dtype=torch.bool, device=device)
+        self.calls: list[list[tuple[int, ...]]] = [[] for _ in range(window)]
+        self._views()
+
+    def _views(self) -> None:
+        self.count_rows = list(self.counts.unbind(0))
+        self.max_rows = list(self.max_abs.unbind(0))
+        self.call_rows = list(self.call_log.unbind(0))
+
+    def grow(self, needed: int) -> None:
+        have = self.first.numel()
+        if needed <= have:
+            return
+        size = max(needed, 2 * have)
+        self.counts = grow_columns(self.counts, size, 0)
+        self.max_abs = grow_columns(self.max_abs, size, -math.inf)
+        self.first = grow_columns(self.first, size, NEVER)
+        self._views()
+
+    def record(
+        self, step: int, seq: int, columns: Tensor, sites: tuple[int, ...], norms, counts
+    ) -> None:
+        """Adds one hook call's statistics (per tensor: norms [k], counts [3, k + 1]) to the row of
+        `step`; seq: the call's position among this step's calls."""
+        slot = step % self.window
+        if seq >= self.call_log.shape[1]:
+            size = max(seq + 1, 2 * self.call_log.shape[1])
+            with normal_tensors():
+                self.call_log = grow_columns(self.call_log, size, False)
+            self.call_rows = list(self.call_log.unbind(0))
+        self.count_rows[slot].index_add_(1, columns, counts[NAN_ROW : INF_ROW + 1, :-1])
+        self.max_rows[slot].scatter_reduce_(0, columns, norms.to(torch.float32), "amax")
+        self.call_rows[slot][seq].copy_(counts[NONFINITE_ROW, -1])
+        self.calls[slot].append(sites)
+
+    def start(self, step: int) -> None:
+        """Clears the row of a new step (folding the latch first when the ring wraps)."""
+        slot = step % self.window
+        if slot == 0:
+            fold(self.first, self.counts.sum(1) > 0, step - self.window)
+        self.calls[slot] = []
+        self.count_rows[slot].zero_()
+        self.max_rows[slot].fill_(-math.inf)
+
+    def order(self, call_log: np.ndarray, slots: np.ndarray, m: int) -> np.ndarray:
+        """Per kept step and site, the position in the forward order of the first call that saw
+        NaN/Inf (-1: none)."""
+        order = np.full((slots.size, m), -1, dtype=np.int64)
+        for i, slot in enumerate(slots):
+            position = 0
+            for seq, columns in enumerate(self.calls[slot]):
+                if call_log[slot, seq] > 0:
+                    fresh = [c for c in columns if order[i, c] < 0]
+                    order[i, fresh] = position
+                    position += bool(fresh)
+        return order
+
+    def buffers(self) -> list[Tensor]:
+        return [self.counts, self.max_abs, self.first, self.call_log]
