@@ -112,6 +112,7 @@ class MonitorHistory:
     site_steps [k2], site_max_abs [k2, m] (largest finite |x|, NaN when not observed that step),
     site_nan / site_inf [k2, m], site_order [k2, m] (position in the forward order of the first
     call that saw NaN/Inf that step, -1 none), site_first_nonfinite [m] (-1: never; whole run).
+    unwatched: what the monitor could not watch, and errors its hooks caught (one line each).
     """
 
     names: tuple[str, ...]
@@ -134,3 +135,4 @@ class MonitorHistory:
     site_inf: np.ndarray
     site_order: np.ndarray
     site_first_nonfinite: np.ndarray
+    unwatched: tuple[str, ...] = ()

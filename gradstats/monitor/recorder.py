@@ -34,14 +34,26 @@ from gradstats.monitor.rings import (
     GradRing,
     SiteRing,
     first_step,
+    forward_order,
     kept_steps,
     normal_tensors,
     site_kept_steps,
 )
-from gradstats.monitor.watch import INPUT_SITE, WatchModules, floating_leaves, resolve_modules
+from gradstats.monitor.watch import (
+    INPUT_SITE,
+    MAX_SITES,
+    dense_values,
+    Notes,
+    WatchModules,
+    floating_leaves,
+    readable_parts,
+    resolve_modules,
+)
 
 # Cached column index tensors per parameter list (a list that changes every step must not grow it).
 _INDEX_CACHE_SIZE = 64
+# An error caught in a hook is quoted up to this many characters in the report.
+_ERROR_CHARS = 160
 _THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(MonitorThresholds))
 
 
@@ -97,7 +109,7 @@ class GradMonitor:
         self._params = [p for _, p in named]
         self._column = {id(p): i for i, p in enumerate(self._params)}
         self._step = 0
-        self._seq = 0
+        self._call = 0
         self._device: torch.device | None = None
         self._grads: GradRing | None = None
         self._sites: SiteRing | None = None
@@ -107,6 +119,7 @@ class GradMonitor:
         self._index_cache: dict[tuple, Tensor] = {}
         self._placements: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._notes = Notes()
         if watch_inputs:
             self._handles.append(model.register_forward_pre_hook(self._on_input, with_kwargs=True))
         for name, module in resolve_modules(model, watch_modules):
@@ -139,15 +152,18 @@ class GradMonitor:
         """
         with torch.no_grad():
             params_list, stats = self._resolve_step(stats, params)
-            self._set_device()
-            if self._grads is None:
-                with normal_tensors():
-                    self._grads = GradRing(len(self._params), self.window, self._device)
-            elif self._step % self.window == 0:
-                self._grads.fold(self._step)
-            self._record_grads(params_list, stats, skipped)
+            try:
+                self._set_device()
+                if self._grads is None:
+                    with normal_tensors():
+                        self._grads = GradRing(len(self._params), self.window, self._device)
+                elif self._step % self.window == 0:
+                    self._grads.fold(self._step)
+                self._record_grads(params_list, stats, skipped)
+            except Exception as exc:  # the monitor must never make the user's step fail
+                self._notes.add("step()", _failed(exc))
         self._step += 1
-        self._seq = 0
+        self._call = 0
         if self._sites is not None:
             self._sites.start(self._step)
 
@@ -193,7 +209,7 @@ class GradMonitor:
                     "GradMonitor.step(): no watched parameter has a gradient; call it after "
                     "loss.backward() and before optimizer.zero_grad()"
                 )
-            grads = [p.grad.detach() for p in with_grad]
+            grads = [dense_values(p.grad.detach()) for p in with_grad]
             return with_grad, statistics(grads, self.norm_type, math.inf, "zero")
         if not isinstance(stats, GradStats):
             raise TypeError(f"GradMonitor.step(): stats must be a GradStats; got {type(stats)}")
@@ -274,19 +290,35 @@ class GradMonitor:
         return t.to(self._device, non_blocking=self._device.type == "cuda")
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        leaves: list[tuple[str, Tensor]] = []
-        for i, arg in enumerate(args):
-            floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves)
-        for key, arg in kwargs.items():
-            floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves)
-        if leaves:
-            self._observe(tuple(n for n, _ in leaves), [t for _, t in leaves], is_input=True)
+        try:
+            leaves: list[tuple[str, Tensor]] = []
+            for i, arg in enumerate(args):
+                floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves)
+            for key, arg in kwargs.items():
+                floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves)
+            self._watch(leaves, is_input=True)
+        except Exception as exc:  # the monitor must never make the user's forward fail
+            self._notes.add(INPUT_SITE, _failed(exc))
 
     def _on_output(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        leaves: list[tuple[str, Tensor]] = []
-        floating_leaves(name, output, leaves)
-        if leaves:
-            self._observe((name,) * len(leaves), [t for _, t in leaves], is_input=False)
+        try:
+            leaves: list[tuple[str, Tensor]] = []
+            floating_leaves(name, output, leaves)
+            self._watch(leaves, is_input=False)
+        except Exception as exc:  # the monitor must never make the user's forward fail
+            self._notes.add(name, _failed(exc))
+
+    def _watch(self, leaves: list[tuple[str, Tensor]], is_input: bool) -> None:
+        names: list[str] = []
+        tensors: list[Tensor] = []
+        for name, leaf in leaves:
+            parts, why = readable_parts(leaf)
+            if why is not None:
+                self._notes.add(name, f"not watched: {why}")
+            names += [name] * len(parts)
+            tensors += parts
+        if tensors:
+            self._observe(tuple(names), tensors, is_input)
 
     def _observe(self, names: tuple[str, ...], tensors: list[Tensor], is_input: bool) -> None:
         """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
@@ -300,17 +332,24 @@ class GradMonitor:
                 norms, counts = st.norms, st.counts
             self._set_device()
             columns = self._site_columns(names, is_input)
-            sites = tuple(self._site_index[name] for name in names)
+            if columns is None:
+                return
             self._sites.record(
-                self._step, self._seq, columns, sites, self._here(norms), self._here(counts)
+                self._step, self._call, columns, self._here(norms), self._here(counts)
             )
-        self._seq += 1
+        self._call += 1
 
-    def _site_columns(self, names: tuple[str, ...], is_input: bool) -> Tensor:
+    def _site_columns(self, names: tuple[str, ...], is_input: bool) -> Tensor | None:
+        """The site columns of a call's tensors (None: a site too many, not watched)."""
         key = ("site", *names)
         index = self._index_cache.get(key)
         if index is None:
-            for name in dict.fromkeys(names):
+            fresh = [name for name in dict.fromkeys(names) if name not in self._site_index]
+            if len(self._site_index) + len(fresh) > MAX_SITES:
+                for name in fresh:
+                    self._notes.add(name, f"not watched: more than {MAX_SITES} inputs and outputs")
+                return None
+            for name in fresh:
                 if name not in self._site_index:
                     self._site_index[name] = len(self._site_index)
                     self._site_is_input.append(is_input)
@@ -361,6 +400,14 @@ class GradMonitor:
             self._sites.buffers() if self._sites else []
         )
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the monitor's buffers (on self.device): bounded by the window, the
+        parameters and the watched inputs and outputs, however many forwards run between steps."""
+        return sum(b.numel() * b.element_size() for b in self._buffers()) + sum(
+            t.numel() * t.element_size() for t in self._index_cache.values()
+        )
+
     def history(self) -> MonitorHistory:
         """The ring buffers on the host, oldest step first (one device-to-host copy)."""
         parts = _to_host(self._buffers())
@@ -380,8 +427,8 @@ class GradMonitor:
             site_first = np.zeros(0)
             order = np.zeros((site_steps.size, 0), dtype=np.int64)
         else:
-            counts, max_abs, site_first, call_log = parts[-4:]
-            order = self._sites.order(call_log, site_rows, m)
+            counts, max_abs, first_call, site_first = parts[-4:]
+            order = forward_order(first_call[site_rows, :m])
         site_nan, site_inf = counts[site_rows, 0, :m], counts[site_rows, 1, :m]
         max_abs = max_abs[site_rows, :m]
         return MonitorHistory(
@@ -405,6 +452,7 @@ class GradMonitor:
             site_inf=site_inf,
             site_order=order,
             site_first_nonfinite=first_step(site_first[:m], site_nan + site_inf, site_steps),
+            unwatched=self._notes.lines(),
         )
 
     def diagnose(self) -> list[Finding]:
@@ -485,6 +533,14 @@ def _thresholds(given: MonitorThresholds | None, deprecated: dict[str, float]) -
         stacklevel=3,
     )
     return dataclasses.replace(base, **deprecated)
+
+
+def _failed(exc: Exception) -> str:
+    """A note for an error a hook caught: its type and first line, shortened."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(first) > _ERROR_CHARS:
+        first = first[:_ERROR_CHARS] + "..."
+    return f"the monitor's hook failed ({type(exc).__name__}: {first}); the call was not recorded"
 
 
 def _to_host(buffers: list[Tensor]) -> list[np.ndarray]:

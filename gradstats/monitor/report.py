@@ -71,23 +71,21 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
             "No problem found: no NaN/Inf in gradients or watched tensors, no exploding or "
             "vanishing gradients, no extreme inputs."
         )
-        return "\n".join(lines)
-    lines.append(f"{len(findings)} finding(s), oldest first:")
+    else:
+        lines.append(f"{len(findings)} finding(s), oldest first:")
     for i, f in enumerate(findings, 1):
         lines.append("")
         where = listed(f.where, _TITLE_NAMES)
         if f.cause == "nonfinite_activations":
             where = f"module {where}"
         lines.append(f"{i}. {TITLES[f.cause]} at step {f.step}, in {where}")
-        lines.append(
-            textwrap.fill(f.message, _WIDTH, initial_indent="   ", subsequent_indent="   ")
-        )
-        lines.append(
-            textwrap.fill(
-                f"What to do: {f.advice}", _WIDTH, initial_indent="   ", subsequent_indent="   "
-            )
-        )
+        lines.append(_paragraph(f.message))
+        lines.append(_paragraph(f"What to do: {f.advice}"))
+    if h.unwatched:
+        lines += ["", "Not watched (the rest was):"]
+        lines += [_paragraph(f"- {line}") for line in h.unwatched]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------- plot
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, _WIDTH, initial_indent="   ", subsequent_indent="     ")

@@ -103,23 +103,23 @@ class GradRing:
 
 class SiteRing:
     """Watched inputs and module outputs ("sites"), per step: NaN and Inf counts, largest finite
-    |x| (float32: the fused op's norm dtype for all but float64 inputs), and whether each hook call
-    saw NaN/Inf (with the sites of each call, on the host): the first call that saw any names the
-    first site to produce them. Columns appear as the forward runs and grow by doubling."""
+    |x| (float32: the fused op's norm dtype for all but float64 inputs), and the position among the
+    step's hook calls of the first call in which each site held NaN/Inf (NEVER: none), which names
+    the first site to produce them. Every buffer has `window` rows however many forwards run
+    between two steps; columns appear as the forward runs and grow by doubling."""
 
     def __init__(self, window: int, device: torch.device, columns: int) -> None:
         self.window, self.device = window, device
         self.counts = torch.zeros((window, 2, columns), dtype=torch.int64, device=device)
         self.max_abs = torch.full((window, columns), -math.inf, dtype=torch.float32, device=device)
+        self.first_call = torch.full((window, columns), NEVER, dtype=torch.int64, device=device)
         self.first = torch.full((columns,), NEVER, dtype=torch.int64, device=device)
-        self.call_log = torch.zeros((window, columns), dtype=torch.bool, device=device)
-        self.calls: list[list[tuple[int, ...]]] = [[] for _ in range(window)]
         self._views()
 
     def _views(self) -> None:
         self.count_rows = list(self.counts.unbind(0))
         self.max_rows = list(self.max_abs.unbind(0))
-        self.call_rows = list(self.call_log.unbind(0))
+        self.call_rows = list(self.first_call.unbind(0))
 
     def grow(self, needed: int) -> None:
         have = self.first.numel()
@@ -128,46 +128,40 @@ class SiteRing:
         size = max(needed, 2 * have)
         self.counts = grow_columns(self.counts, size, 0)
         self.max_abs = grow_columns(self.max_abs, size, -math.inf)
+        self.first_call = grow_columns(self.first_call, size, NEVER)
         self.first = grow_columns(self.first, size, NEVER)
         self._views()
 
-    def record(
-        self, step: int, seq: int, columns: Tensor, sites: tuple[int, ...], norms, counts
-    ) -> None:
+    def record(self, step: int, call: int, columns: Tensor, norms: Tensor, counts: Tensor) -> None:
         """Adds one hook call's statistics (per tensor: norms [k], counts [3, k + 1]) to the row of
-        `step`; seq: the call's position among this step's calls."""
+        `step`; call: the call's position among this step's calls."""
         slot = step % self.window
-        if seq >= self.call_log.shape[1]:
-            size = max(seq + 1, 2 * self.call_log.shape[1])
-            with normal_tensors():
-                self.call_log = grow_columns(self.call_log, size, False)
-            self.call_rows = list(self.call_log.unbind(0))
         self.count_rows[slot].index_add_(1, columns, counts[NAN_ROW : INF_ROW + 1, :-1])
-        self.max_rows[slot].scatter_reduce_(0, columns, norms.to(torch.float32), "amax")
-        self.call_rows[slot][seq].copy_(counts[NONFINITE_ROW, -1])
-        self.calls[slot].append(sites)
+        if norms.dtype != torch.float32:
+            norms = norms.to(torch.float32)
+        self.max_rows[slot].scatter_reduce_(0, columns, norms, "amax")
+        seen = torch.where(counts[NONFINITE_ROW, :-1] > 0, call, NEVER)
+        self.call_rows[slot].scatter_reduce_(0, columns, seen, "amin")
 
     def start(self, step: int) -> None:
         """Clears the row of a new step (folding the latch first when the ring wraps)."""
         slot = step % self.window
         if slot == 0:
             fold(self.first, self.counts.sum(1) > 0, step - self.window)
-        self.calls[slot] = []
         self.count_rows[slot].zero_()
         self.max_rows[slot].fill_(-math.inf)
-
-    def order(self, call_log: np.ndarray, slots: np.ndarray, m: int) -> np.ndarray:
-        """Per kept step and site, the position in the forward order of the first call that saw
-        NaN/Inf (-1: none)."""
-        order = np.full((slots.size, m), -1, dtype=np.int64)
-        for i, slot in enumerate(slots):
-            position = 0
-            for seq, columns in enumerate(self.calls[slot]):
-                if call_log[slot, seq] > 0:
-                    fresh = [c for c in columns if order[i, c] < 0]
-                    order[i, fresh] = position
-                    position += bool(fresh)
-        return order
+        self.call_rows[slot].fill_(NEVER)
 
     def buffers(self) -> list[Tensor]:
-        return [self.counts, self.max_abs, self.first, self.call_log]
+        return [self.counts, self.max_abs, self.first_call, self.first]
+
+
+def forward_order(first_call: np.ndarray) -> np.ndarray:
+    """Per row, each site's rank among the distinct first calls that saw NaN/Inf (0: the first
+    call to see any; sites seen in the same call share a rank), -1 for sites that saw none."""
+    order = np.full(first_call.shape, -1, dtype=np.int64)
+    for i, row in enumerate(first_call):
+        seen = row < NEVER
+        if seen.any():
+            order[i, seen] = np.searchsorted(np.unique(row[seen]), row[seen])
+    return order

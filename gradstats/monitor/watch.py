@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Union
 
+import torch
 from torch import Tensor, nn
 
 from gradstats.monitor.report import NAMED_AT_MOST
@@ -14,6 +15,13 @@ WatchModules = Union[str, Sequence[Union[str, nn.Module]], None]
 # The root module's output, when watched, is called this; the model's inputs "input[...]".
 OUTPUT_SITE = "output"
 INPUT_SITE = "input"
+# Sparse layouts whose stored values are read with .values().
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+# Distinct inputs and outputs watched at most: names come from the data (dict keys of the inputs),
+# and a stream of new keys must not grow the buffers without bound.
+MAX_SITES = 1024
+# Notes kept about what was not watched (distinct site and reason pairs).
+_MAX_NOTES = 32
 
 
 def floating_leaves(name: str, obj: Any, out: list[tuple[str, Tensor]]) -> None:
@@ -58,3 +66,59 @@ def resolve_modules(model: nn.Module, watch: WatchModules) -> list[tuple[str, nn
             raise TypeError(f"watch_modules: expected module names or modules; got {type(item)}")
         out.append((name or OUTPUT_SITE, by_name[name]))
     return out
+
+
+def readable_parts(t: Tensor) -> tuple[list[Tensor], str | None]:
+    """The dense tensors through which the monitor reads t, and why it cannot when it cannot.
+
+    Sparse tensors are read through their stored values (the implicit zeros are neither NaN/Inf nor
+    large); nested tensors through their packed values (jagged) or their components (strided).
+    """
+    if t.is_nested:
+        return ([t.values()] if t.layout == torch.jagged else list(t.unbind())), None
+    if t.layout == torch.sparse_coo:
+        return [t._values()], None
+    if t.layout in _COMPRESSED:
+        return [t.values()], None
+    if t.layout != torch.strided:
+        return [], f"layout {t.layout} has no values the monitor can read"
+    if t.device.type == "meta":
+        return [], "a meta tensor holds no values"
+    return [t], None
+
+
+def dense_values(grad: Tensor) -> Tensor:
+    """A gradient as the fused op reads it: a sparse one (nn.Embedding(sparse=True)) through the
+    values of its coalesced form, whose norm is the gradient's norm."""
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    if grad.layout in _COMPRESSED:
+        return grad.values()
+    return grad
+
+
+class Notes:
+    """What the monitor could not watch, and errors its hooks caught, each said once per site with
+    how often it happened; at most _MAX_NOTES sites are named (a count says how many more)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], int] = {}
+        self.dropped = 0
+
+    def add(self, site: str, why: str) -> None:
+        key = (site, why)
+        if key in self._seen:
+            self._seen[key] += 1
+        elif len(self._seen) < _MAX_NOTES:
+            self._seen[key] = 1
+        else:
+            self.dropped += 1
+
+    def lines(self) -> tuple[str, ...]:
+        out = [
+            f"{site}: {why}" + (f" ({times} times)" if times > 1 else "")
+            for (site, why), times in self._seen.items()
+        ]
+        if self.dropped:
+            out.append(f"... and {self.dropped} more")
+        return tuple(out)
