@@ -42,9 +42,9 @@ from gradstats.monitor.rings import (
 from gradstats.monitor.watch import (
     INPUT_SITE,
     MAX_SITES,
-    dense_values,
     Notes,
     WatchModules,
+    dense_values,
     floating_leaves,
     readable_parts,
     resolve_modules,
