@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -16,16 +18,47 @@
 namespace gradstats::cpu {
 namespace {
 
+// Rows of one feature per element: the features are the lanes, so that the loop over them runs in
+// SIMD registers. Branch-free: a non-finite element adds 0 to the sums and nothing to the extremes.
+template <typename T>
+void rows_stats(const T* data, int64_t features, int64_t first, int64_t last, FeatureAcc* acc) {
+  const double none = -std::numeric_limits<double>::infinity();
+  std::vector<double> lanes(static_cast<size_t>(kFeatureRows * features), 0.0);
+  double* count = lanes.data() + kFeatCountRow * features;
+  double* sum = lanes.data() + kFeatSumRow * features;
+  double* sumsq = lanes.data() + kFeatSumSqRow * features;
+  double* nan = lanes.data() + kFeatNanRow * features;
+  double* inf = lanes.data() + kFeatInfRow * features;
+  double* neg_min = lanes.data() + kFeatNegMinRow * features;
+  double* max = lanes.data() + kFeatMaxRow * features;
+  std::fill(neg_min, neg_min + 2 * features, none);
+  for (int64_t o = first; o < last; ++o) {
+    const T* row = data + o * features;
+    for (int64_t f = 0; f < features; ++f) {
+      const double x = static_cast<double>(row[f]);
+      // Compares instead of std::isfinite, which keeps the loop vectorisable (NaN compares false).
+      const bool finite = std::abs(x) <= std::numeric_limits<double>::max();
+      const double kept = finite ? x : 0.0;
+      count[f] += finite ? 1.0 : 0.0;
+      sum[f] += kept;
+      sumsq[f] += kept * kept;
+      nan[f] += x != x ? 1.0 : 0.0;
+      inf[f] += !finite && x == x ? 1.0 : 0.0;
+      neg_min[f] = std::max(neg_min[f], finite ? -x : none);
+      max[f] = std::max(max[f], finite ? x : none);
+    }
+  }
+  for (int64_t f = 0; f < features; ++f) {
+    acc[f] = FeatureAcc{count[f], sum[f], sumsq[f], nan[f], inf[f], neg_min[f], max[f]};
+  }
+}
+
 template <typename T>
 void piece_stats(const T* data, const FeatureShape& s, int64_t first, int64_t last,
                  FeatureAcc* acc) {
+  if (s.inner == 1) return rows_stats(data, s.features, first, last, acc);
   for (int64_t o = first; o < last; ++o) {
     const T* slice = data + o * s.features * s.inner;
-    if (s.inner == 1) {
-      // Tabular and sequence inputs: a row holds one value of every feature.
-      for (int64_t f = 0; f < s.features; ++f) add_value(acc[f], static_cast<double>(slice[f]));
-      continue;
-    }
     for (int64_t f = 0; f < s.features; ++f) {
       const T* run = slice + f * s.inner;
       for (int64_t i = 0; i < s.inner; ++i) add_value(acc[f], static_cast<double>(run[i]));

@@ -358,14 +358,13 @@ def _nonfinite_activations(h: MonitorHistory) -> list[Finding]:
                     advice_for.format(m=labels),
                 )
             ]
+    inputs_bad = ((h.site_nan + h.site_inf)[:, is_input] > 0).any(axis=1)
     for row in range(h.site_steps.size):
         order = h.site_order[row]
-        seen = np.nonzero(order >= 0)[0]
-        if seen.size == 0:
+        seen = np.nonzero((order >= 0) & ~is_input)[0]
+        if seen.size == 0 or inputs_bad[row]:
             continue
         first = int(seen[np.argmin(order[seen])])
-        if is_input[first]:
-            continue
         step = int(h.site_steps[row])
         site = h.sites[first]
         ranked = seen[np.argsort(order[seen], kind="stable")]

@@ -6,7 +6,9 @@ report (report.py) and the plot (plot.py) are pure functions of these.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +100,34 @@ class MonitorThresholds:
 
 
 @dataclass(frozen=True)
+class InputFeatures:
+    """Per-feature statistics of one model input over the kept steps (rows: MonitorHistory's
+    site_steps), feature dimension `dim` of the input.
+
+    count [k, F]: finite values seen that step (0: not observed); mean, rms [k, F] of those (NaN
+    when none); low, high [k, F]: smallest and largest finite value (NaN when none); nan, inf
+    [k, F]: NaN and Inf counts; first_nan, first_inf [F]: the first step each feature held NaN /
+    Inf (-1: never; whole run).
+    """
+
+    site: str
+    dim: int
+    count: np.ndarray
+    mean: np.ndarray
+    rms: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    nan: np.ndarray
+    inf: np.ndarray
+    first_nan: np.ndarray
+    first_inf: np.ndarray
+
+    @property
+    def num_features(self) -> int:
+        return self.count.shape[1]
+
+
+@dataclass(frozen=True)
 class MonitorHistory:
     """The ring buffers copied to the host, oldest step first.
 
@@ -112,6 +142,7 @@ class MonitorHistory:
     site_steps [k2], site_max_abs [k2, m] (largest finite |x|, NaN when not observed that step),
     site_nan / site_inf [k2, m], site_order [k2, m] (position in the forward order of the first
     call that saw NaN/Inf that step, -1 none), site_first_nonfinite [m] (-1: never; whole run).
+    features: per-feature statistics of the model inputs that have them (InputFeatures).
     unwatched: what the monitor could not watch, and errors its hooks caught (one line each).
     """
 
@@ -135,4 +166,27 @@ class MonitorHistory:
     site_inf: np.ndarray
     site_order: np.ndarray
     site_first_nonfinite: np.ndarray
+    features: tuple[InputFeatures, ...] = ()
     unwatched: tuple[str, ...] = ()
+
+
+def resolve_thresholds(
+    given: MonitorThresholds | None, deprecated: dict[str, float]
+) -> MonitorThresholds:
+    """GradMonitor's thresholds: thresholds= and the deprecated keyword arguments (which win)."""
+    unknown = sorted(set(deprecated) - {f.name for f in dataclasses.fields(MonitorThresholds)})
+    if unknown:
+        raise TypeError(f"GradMonitor() got unexpected keyword arguments: {', '.join(unknown)}")
+    if given is not None and not isinstance(given, MonitorThresholds):
+        raise TypeError(f"thresholds must be a MonitorThresholds; got {type(given).__name__}")
+    base = given or MonitorThresholds()
+    if not deprecated:
+        return base
+    spelled = ", ".join(f"{k}={v!r}" for k, v in deprecated.items())
+    warnings.warn(
+        f"GradMonitor({spelled}) is deprecated: pass "
+        f"GradMonitor(..., thresholds=gradstats.MonitorThresholds({spelled}))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(base, **deprecated)

@@ -9,55 +9,60 @@ watching a run adds no host synchronisation to a training step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradstats import ops
 from gradstats._core import INF_ROW, NAN_ROW, GradStats, check_int, check_norm_type
 from gradstats.distributed import statistics
-from gradstats.monitor.diagnose import diagnose_history
-from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
-from gradstats.monitor.plot import save_plot
-from gradstats.monitor.report import format_report, listed
+from gradstats.monitor.flight import (
+    FlightRecorder,
+    first_trigger,
+)
+from gradstats.monitor.history import (
+    MonitorThresholds,
+    resolve_thresholds,
+)
+from gradstats.monitor.reader import MonitorReader
+from gradstats.monitor.report import listed
 from gradstats.monitor.rings import (
     GRAD_SCALARS,
-    NEVER,
+    FeatureRing,
     GradRing,
+    IndexCache,
     SiteRing,
-    first_step,
-    forward_order,
-    kept_steps,
+    grad_placement,
     normal_tensors,
-    site_kept_steps,
 )
 from gradstats.monitor.watch import (
     INPUT_SITE,
+    MAX_FEATURES,
     MAX_SITES,
     Notes,
     WatchModules,
+    check_feature_dim,
     dense_values,
+    failed,
+    feature_dim,
     floating_leaves,
     readable_parts,
     resolve_modules,
 )
 
-# Cached column index tensors per parameter list (a list that changes every step must not grow it).
-_INDEX_CACHE_SIZE = 64
-# An error caught in a hook is quoted up to this many characters in the report.
-_ERROR_CHARS = 160
-_THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(MonitorThresholds))
+# Steps of gradient statistics the flight recorder keeps up to its trigger (at most half the
+# window: it copies them every half window, before the ring overwrites them).
+FLIGHT_STEPS = 64
 
 
-class GradMonitor:
+class GradMonitor(MonitorReader):
     """Watches gradients, inputs and activations on the device and says why NaNs appear.
 
     Call monitor.step() after each backward (or give the monitor to ClipGradOptimizer, which calls
@@ -69,12 +74,19 @@ class GradMonitor:
         model: the module whose parameters (named by model.named_parameters()) are watched.
         window: steps kept in the ring buffers (on the device).
         watch_inputs: count NaN/Inf and track the largest magnitude of the model's floating-point
-            inputs, named "input[i]" (positional) and "input[name]" (keyword).
+            inputs, named "input[i]" (positional) and "input[name]" (keyword), and per feature
+            their scale, range and NaN/Inf counts (see feature_dim).
         watch_modules: None, "all" (every leaf module) or module names / modules whose outputs are
             watched the same way; the first of them whose output holds NaN/Inf is named.
         norm_type: norm of the per-parameter gradient norms, when step() computes them itself.
         max_norm: the clip threshold in use, drawn on the plot (else inferred from clipped steps).
         thresholds: the detection thresholds (MonitorThresholds; its defaults when None).
+        feature_dim: the inputs' feature dimension: "auto" (the last of [batch, features] and
+            [batch, time, features], the channels of [N, C, H, W] and [N, C, D, H, W]), an int for
+            every input, or None (no per-feature statistics).
+        dump_dir: where the flight record (monitor.dump) is written by itself once a NaN/Inf or an
+            exploding step was seen, at the first read-back after it (history, diagnose, report,
+            scalars, plot), at close() and at exit; the report names the file.
 
     The thresholds used to be keyword arguments of their own (explode_factor=..., ...); those
     still work, with a DeprecationWarning.
@@ -90,6 +102,8 @@ class GradMonitor:
         norm_type: float = 2.0,
         max_norm: float | None = None,
         thresholds: MonitorThresholds | None = None,
+        feature_dim: int | str | None = "auto",
+        dump_dir: str | Path | None = None,
         **deprecated: float,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -98,33 +112,39 @@ class GradMonitor:
         self.norm_type = check_norm_type(norm_type)
         if max_norm is not None and not float(max_norm) > 0:
             raise ValueError(f"max_norm must be a positive number or None; got {max_norm!r}")
-        self.thresholds = _thresholds(thresholds, deprecated)
+        self.thresholds = resolve_thresholds(thresholds, deprecated)
+        self._feature_dim = check_feature_dim(feature_dim)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("GradMonitor: the model has no parameter that requires grad")
 
         self.window = window
         self.max_norm = None if max_norm is None else float(max_norm)
+        self.dump_dir = None if dump_dir is None else Path(dump_dir)
+        self.dumped: Path | None = None
         self.names = tuple(n for n, _ in named)
         self._params = [p for _, p in named]
         self._column = {id(p): i for i, p in enumerate(self._params)}
         self._step = 0
         self._call = 0
         self._device: torch.device | None = None
+        self._index: IndexCache | None = None
         self._grads: GradRing | None = None
         self._sites: SiteRing | None = None
+        self._features: dict[str, FeatureRing] = {}
+        self._flight: FlightRecorder | None = None
         self._site_index: dict[str, int] = {}
         self._site_is_input: list[bool] = []
         self._site_types: dict[str, str] = {}
-        self._index_cache: dict[tuple, Tensor] = {}
-        self._placements: dict[tuple, tuple[Tensor, Tensor | None]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._notes = Notes()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if watch_inputs:
             self._handles.append(model.register_forward_pre_hook(self._on_input, with_kwargs=True))
         for name, module in resolve_modules(model, watch_modules):
             self._site_types[name] = type(module).__name__
             self._handles.append(module.register_forward_hook(partial(self._on_output, name)))
+        if self.dump_dir is not None:
+            weakref.finalize(self, GradMonitor._dump_at_exit, weakref.ref(self))
 
     # ----------------------------------------------------------------- recording (no host sync)
 
@@ -157,15 +177,26 @@ class GradMonitor:
                 if self._grads is None:
                     with normal_tensors():
                         self._grads = GradRing(len(self._params), self.window, self._device)
+                        self._flight = FlightRecorder(
+                            min(FLIGHT_STEPS, self.window // 2), self._device
+                        )
                 elif self._step % self.window == 0:
                     self._grads.fold(self._step)
                 self._record_grads(params_list, stats, skipped)
             except Exception as exc:  # the monitor must never make the user's step fail
-                self._notes.add("step()", _failed(exc))
+                self._notes.add("step()", failed(exc))
         self._step += 1
         self._call = 0
-        if self._sites is not None:
-            self._sites.start(self._step)
+        try:
+            with torch.no_grad():
+                if self._step % max(1, self.window // 2) == 0 and self._flight is not None:
+                    self._check_flight()
+                if self._sites is not None:
+                    self._sites.start(self._step)
+                for ring in self._features.values():
+                    ring.start(self._step)
+        except Exception as exc:  # the monitor must never make the user's step fail
+            self._notes.add("step()", failed(exc))
 
     def _record_grads(
         self, params: list[Tensor], stats: GradStats, skipped: Tensor | bool | None
@@ -183,14 +214,23 @@ class GradMonitor:
             self._skipped_value(skipped),
         ]
         row = ring.row(self._step)
-        placement = self._grad_positions(params)
-        if placement is None:
+        if len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params)):
             # cat casts each part straight into the float64 row: counts stay exact.
             torch.cat(parts, out=row)
             return
-        positions, keep = placement
-        size = 3 * len(params) + GRAD_SCALARS
-        values = torch.empty(size, dtype=torch.float64, device=self._device)
+        positions, keep, strangers = grad_placement(
+            params, self._column, len(self._params), self._index
+        )
+        if strangers:
+            warnings.warn(
+                f"GradMonitor.step(): {len(strangers)} of the {len(params)} parameters given "
+                f"(shapes {listed([str(tuple(p.shape)) for p in strangers])}) are not parameters "
+                "of the monitored model that require grad; their statistics are not recorded",
+                stacklevel=4,
+            )
+        values = torch.empty(
+            3 * len(params) + GRAD_SCALARS, dtype=torch.float64, device=self._device
+        )
         torch.cat(parts, out=values)
         if keep is not None:
             values = values.index_select(0, keep)
@@ -235,54 +275,12 @@ class GradMonitor:
             return self._here(skipped).reshape(1)
         return constants["one" if skipped else "zero"]
 
-    def _grad_positions(self, params: list[Tensor]) -> tuple[Tensor, Tensor | None] | None:
-        """Where this step's values go in a ring row, and which of them to keep (None: all); None
-        for all parameters in model order. Parameters the monitor does not know (say a learnable
-        loss weight held by the optimizer) are left out, with a warning the first time."""
-        if len(params) == len(self._params) and all(a is b for a, b in zip(params, self._params)):
-            return None
-        key = tuple(map(id, params))
-        cached = self._placements.get(key)
-        if cached is None:
-            known = [
-                (i, self._column[id(p)]) for i, p in enumerate(params) if id(p) in self._column
-            ]
-            columns = [c for _, c in known]
-            n, k = len(self._params), len(params)
-            tail = [3 * n + j for j in range(GRAD_SCALARS)]
-            layout = columns + [n + c for c in columns] + [2 * n + c for c in columns] + tail
-            keep = None
-            if len(known) < k:
-                strangers = [tuple(p.shape) for p in params if id(p) not in self._column]
-                warnings.warn(
-                    f"GradMonitor.step(): {len(strangers)} of the {k} parameters given (shapes "
-                    f"{listed([str(s) for s in strangers])}) are not parameters of the "
-                    "monitored model that require grad; their statistics are not recorded",
-                    stacklevel=4,
-                )
-                rows = [i for i, _ in known]
-                slots = rows + [k + i for i in rows] + [2 * k + i for i in rows]
-                scalars = [3 * k + j for j in range(GRAD_SCALARS)]
-                keep = self._new_index(("keep", *key), slots + scalars)
-            cached = (self._new_index(key, layout), keep)
-            if len(self._placements) >= _INDEX_CACHE_SIZE:
-                self._placements.clear()
-            self._placements[key] = cached
-        return cached
-
-    def _new_index(self, key: tuple, values: list[int]) -> Tensor:
-        if len(self._index_cache) >= _INDEX_CACHE_SIZE:
-            self._index_cache.clear()
-        with normal_tensors():
-            index = torch.tensor(values, dtype=torch.long, device=self._device)
-        self._index_cache[key] = index
-        return index
-
     def _set_device(self) -> None:
         """The rings live with the model's (first) parameter, where the gradients are: chosen at the
         first observation, so that model.to(device) after creating the monitor is fine."""
         if self._device is None:
             self._device = self._params[0].device
+            self._index = IndexCache(self._device)
 
     def _here(self, t: Tensor) -> Tensor:
         if t.device == self._device:
@@ -298,7 +296,7 @@ class GradMonitor:
                 floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves)
             self._watch(leaves, is_input=True)
         except Exception as exc:  # the monitor must never make the user's forward fail
-            self._notes.add(INPUT_SITE, _failed(exc))
+            self._notes.add(INPUT_SITE, failed(exc))
 
     def _on_output(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         try:
@@ -306,7 +304,7 @@ class GradMonitor:
             floating_leaves(name, output, leaves)
             self._watch(leaves, is_input=False)
         except Exception as exc:  # the monitor must never make the user's forward fail
-            self._notes.add(name, _failed(exc))
+            self._notes.add(name, failed(exc))
 
     def _watch(self, leaves: list[tuple[str, Tensor]], is_input: bool) -> None:
         names: list[str] = []
@@ -315,10 +313,40 @@ class GradMonitor:
             parts, why = readable_parts(leaf)
             if why is not None:
                 self._notes.add(name, f"not watched: {why}")
+            if is_input and len(parts) == 1 and self._observe_features(name, parts[0]):
+                continue
             names += [name] * len(parts)
             tensors += parts
         if tensors:
             self._observe(tuple(names), tensors, is_input)
+
+    def _observe_features(self, name: str, t: Tensor) -> bool:
+        """Per-feature statistics of an input, which also give its NaN/Inf counts and largest |x|
+        (one pass); False when they do not apply to it."""
+        dim = feature_dim(t, self._feature_dim)
+        if dim is None:
+            return False
+        ring = self._features.get(name)
+        features = t.shape[dim]
+        if features > MAX_FEATURES or (ring is not None and ring.features != features):
+            why = f"{features} features" + (
+                f" (more than {MAX_FEATURES})"
+                if features > MAX_FEATURES
+                else f", not {ring.features}"
+            )
+            self._notes.add(name, f"per-feature statistics not computed: {why}")
+            return False
+        with torch.no_grad():
+            stats = ops.feature_stats(t, dim)
+            self._set_device()
+            if ring is None:
+                if self._site_columns((name,), is_input=True) is None:
+                    return True
+                with normal_tensors():
+                    ring = FeatureRing(self.window, self._device, features, dim % t.dim())
+                self._features[name] = ring
+            ring.record(self._step, self._here(stats))
+        return True
 
     def _observe(self, names: tuple[str, ...], tensors: list[Tensor], is_input: bool) -> None:
         """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
@@ -342,7 +370,7 @@ class GradMonitor:
     def _site_columns(self, names: tuple[str, ...], is_input: bool) -> Tensor | None:
         """The site columns of a call's tensors (None: a site too many, not watched)."""
         key = ("site", *names)
-        index = self._index_cache.get(key)
+        index = self._index.get(key)
         if index is None:
             fresh = [name for name in dict.fromkeys(names) if name not in self._site_index]
             if len(self._site_index) + len(fresh) > MAX_SITES:
@@ -350,24 +378,58 @@ class GradMonitor:
                     self._notes.add(name, f"not watched: more than {MAX_SITES} inputs and outputs")
                 return None
             for name in fresh:
-                if name not in self._site_index:
-                    self._site_index[name] = len(self._site_index)
-                    self._site_is_input.append(is_input)
+                self._site_index[name] = len(self._site_index)
+                self._site_is_input.append(is_input)
             with normal_tensors():
                 if self._sites is None:
                     self._sites = SiteRing(self.window, self._device, len(self._site_index))
                 else:
                     self._sites.grow(len(self._site_index))
-            index = self._new_index(key, [self._site_index[n] for n in names])
+            index = self._index.make(key, [self._site_index[n] for n in names])
         return index
+
+    def _check_flight(self) -> None:
+        """Every half window, on the device: the first step of the half window just ended that
+        trips the flight recorder, and copies of the rows up to it (flight.py)."""
+        w, n, half = self.window, len(self._params), self.window // 2
+        flight, ring = self._flight, self._grads.ring
+        steps = torch.arange(self._step - w, self._step, device=self._device)
+        rows = torch.remainder(steps, w)  # row of each step, oldest first
+        chrono = ring.index_select(0, rows)
+        site_bad = torch.zeros(w, dtype=torch.bool, device=self._device)
+        if self._sites is not None:
+            site_bad |= self._sites.counts.index_select(0, rows).sum((1, 2)) > 0
+        for feature_ring in self._features.values():
+            nan = ops.FEATURE_ROWS.index("nan")
+            site_bad |= feature_ring.ring.index_select(0, rows)[:, nan : nan + 2].sum((1, 2)) > 0
+        step, reason = first_trigger(
+            steps,
+            chrono[:, 3 * n],
+            chrono[:, n : 3 * n].sum(1) > 0,
+            site_bad,
+            steps >= self._step - half,
+            self.thresholds,
+        )
+        offsets = torch.arange(1 - flight.steps, 1, device=self._device)
+        taken = torch.remainder(step.clamp(max=self._step - 1) + offsets, w)
+        sources = {"grads": (ring, taken)}
+        if self._sites is not None:
+            sources["site_counts"] = (self._sites.counts, taken)
+            sources["site_max"] = (self._sites.max_abs, taken)
+        for site, feature_ring in self._features.items():
+            sources[f"features:{site}"] = (feature_ring.ring, taken)
+        flight.capture(step, reason, sources)
 
     # ---------------------------------------------------------------------------- hooks
 
     def close(self) -> None:
-        """Removes the forward hooks. What was recorded stays readable."""
+        """Removes the forward hooks (and writes the flight record, with dump_dir). What was
+        recorded stays readable."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.dump_dir is not None:
+            self.history()
 
     @property
     def device(self) -> torch.device | None:
@@ -392,164 +454,3 @@ class GradMonitor:
             f"inputs/outputs, {self._step} steps, window={self.window}, "
             f"hooks={'on' if self._handles else 'off'})"
         )
-
-    # ---------------------------------------------------------------- reading (one sync each)
-
-    def _buffers(self) -> list[Tensor]:
-        return (self._grads.buffers() if self._grads else []) + (
-            self._sites.buffers() if self._sites else []
-        )
-
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes held by the monitor's buffers (on self.device): bounded by the window, the
-        parameters and the watched inputs and outputs, however many forwards run between steps."""
-        return sum(b.numel() * b.element_size() for b in self._buffers()) + sum(
-            t.numel() * t.element_size() for t in self._index_cache.values()
-        )
-
-    def history(self) -> MonitorHistory:
-        """The ring buffers on the host, oldest step first (one device-to-host copy)."""
-        parts = _to_host(self._buffers())
-        w, n, m = self.window, len(self.names), len(self._site_index)
-        if self._grads is None:
-            ring, grad_first = np.zeros((w, 3 * n + GRAD_SCALARS)), np.full(n, float(NEVER))
-        else:
-            ring, grad_first = parts[:2]
-        steps = kept_steps(self._step, w)
-        rows = ring[steps % w]
-        grad_nan, grad_inf = rows[:, n : 2 * n], rows[:, 2 * n : 3 * n]
-
-        site_steps = site_kept_steps(self._step, w)
-        site_rows = site_steps % w
-        if self._sites is None:
-            counts, max_abs = np.zeros((w, 2, 0)), np.zeros((w, 0))
-            site_first = np.zeros(0)
-            order = np.zeros((site_steps.size, 0), dtype=np.int64)
-        else:
-            counts, max_abs, first_call, site_first = parts[-4:]
-            order = forward_order(first_call[site_rows, :m])
-        site_nan, site_inf = counts[site_rows, 0, :m], counts[site_rows, 1, :m]
-        max_abs = max_abs[site_rows, :m]
-        return MonitorHistory(
-            names=self.names,
-            param_ndims=tuple(p.dim() for p in self._params),
-            norm_type=self.norm_type,
-            steps=steps,
-            total_norm=rows[:, 3 * n],
-            clip_coef=rows[:, 3 * n + 1],
-            skipped=rows[:, 3 * n + 2],
-            grad_norms=rows[:, :n],
-            grad_nan=grad_nan,
-            grad_inf=grad_inf,
-            grad_first_nonfinite=first_step(grad_first, grad_nan + grad_inf, steps),
-            sites=tuple(self._site_index),
-            site_is_input=tuple(self._site_is_input),
-            site_types=tuple(self._site_types.get(name, "") for name in self._site_index),
-            site_steps=site_steps,
-            site_max_abs=np.where(np.isneginf(max_abs), np.nan, max_abs),
-            site_nan=site_nan,
-            site_inf=site_inf,
-            site_order=order,
-            site_first_nonfinite=first_step(site_first[:m], site_nan + site_inf, site_steps),
-            unwatched=self._notes.lines(),
-        )
-
-    def diagnose(self) -> list[Finding]:
-        """The problems seen in the kept steps (NaN/Inf first seen: over the whole run), oldest
-        first. Healthy training gives an empty list. One device-to-host copy."""
-        return diagnose_history(self.history(), self.thresholds)
-
-    def report(self) -> str:
-        """What went wrong, where, when, the evidence and what to do, as text for a person."""
-        h = self.history()
-        return format_report(h, diagnose_history(h, self.thresholds))
-
-    def scalars(self, prefix: str = "gradstats/") -> dict[str, float]:
-        """The last recorded step as a flat {name: number} dict for TensorBoard or W&B: total norm,
-        clip coefficient, NaN/Inf gradient count, per-parameter norms, and each watched input's or
-        output's largest finite |x| and NaN/Inf count. One device-to-host copy."""
-        if self._step == 0:
-            raise RuntimeError("GradMonitor.scalars(): no step recorded yet; call monitor.step()")
-        slot = (self._step - 1) % self.window
-        n, m = len(self.names), len(self._site_index)
-        row = self._grads.ring[slot]
-        parts = [row[3 * n : 3 * n + 2], row[n : 3 * n].sum().reshape(1), row[:n]]
-        if m:
-            parts += [
-                self._sites.max_abs[slot, :m].to(torch.float64),
-                self._sites.counts[slot, :, :m].sum(0).to(torch.float64),
-            ]
-        values = torch.cat(parts).tolist()
-        out = {
-            f"{prefix}total_norm": values[0],
-            f"{prefix}clip_coef": values[1],
-            f"{prefix}nonfinite_grads": values[2],
-        }
-        out.update({f"{prefix}grad_norm/{k}": v for k, v in zip(self.names, values[3 : 3 + n])})
-        site_values = values[3 + n :]
-        for i, site in enumerate(self._site_index):
-            if site_values[i] != -math.inf:  # not observed in that step
-                out[f"{prefix}max_abs/{site}"] = site_values[i]
-                out[f"{prefix}nonfinite/{site}"] = site_values[m + i]
-        return out
-
-    def log_to_tensorboard(
-        self, writer: Any, step: int | None = None, prefix: str = "gradstats/"
-    ) -> dict[str, float]:
-        """Writes scalars() with writer.add_scalar (a torch.utils.tensorboard.SummaryWriter or any
-        writer with that method) at global step `step` (default: the last recorded step)."""
-        values = self.scalars(prefix)
-        global_step = self._step - 1 if step is None else step
-        for key, value in values.items():
-            writer.add_scalar(key, value, global_step)
-        return values
-
-    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """Writes a PNG: per-parameter gradient-norm heatmap over the kept steps (log scale) above
-        the total norm (clip threshold, clipped, skipped and NaN/Inf steps, findings marked)."""
-        h = self.history()
-        if h.steps.size == 0:
-            raise RuntimeError("GradMonitor.plot(): no step recorded yet; call monitor.step()")
-        findings = diagnose_history(h, self.thresholds)
-        return save_plot(path, h, findings, self.max_norm, self.thresholds, title)
-
-
-def _thresholds(given: MonitorThresholds | None, deprecated: dict[str, float]) -> MonitorThresholds:
-    """The thresholds from thresholds= and the deprecated keyword arguments (which win)."""
-    unknown = sorted(set(deprecated) - set(_THRESHOLD_NAMES))
-    if unknown:
-        raise TypeError(f"GradMonitor() got unexpected keyword arguments: {', '.join(unknown)}")
-    if given is not None and not isinstance(given, MonitorThresholds):
-        raise TypeError(f"thresholds must be a MonitorThresholds; got {type(given).__name__}")
-    base = given or MonitorThresholds()
-    if not deprecated:
-        return base
-    spelled = ", ".join(f"{k}={v!r}" for k, v in deprecated.items())
-    warnings.warn(
-        f"GradMonitor({spelled}) is deprecated: pass "
-        f"GradMonitor(..., thresholds=gradstats.MonitorThresholds({spelled}))",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return dataclasses.replace(base, **deprecated)
-
-
-def _failed(exc: Exception) -> str:
-    """A note for an error a hook caught: its type and first line, shortened."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > _ERROR_CHARS:
-        first = first[:_ERROR_CHARS] + "..."
-    return f"the monitor's hook failed ({type(exc).__name__}: {first}); the call was not recorded"
-
-
-def _to_host(buffers: list[Tensor]) -> list[np.ndarray]:
-    """The buffers as float64 numpy arrays, in one device-to-host copy."""
-    if not buffers:
-        return []
-    flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers]).cpu().numpy()
-    parts, at = [], 0
-    for b in buffers:
-        parts.append(flat[at : at + b.numel()].reshape(tuple(b.shape)))
-        at += b.numel()
-    return parts

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradstats import ops
 from gradstats._core import INF_ROW, NAN_ROW, NONFINITE_ROW
 
 # "Never" in the first-step-with-NaN latches: a power of two, so that the float64 snapshot holds it
@@ -22,6 +23,8 @@ from gradstats._core import INF_ROW, NAN_ROW, NONFINITE_ROW
 NEVER = 2**62
 # A gradient ring row ends with the total norm, the clip coefficient and the skipped flag.
 GRAD_SCALARS = 3
+# Cached index tensors (column layouts of parameter lists and of hook calls).
+_INDEX_CACHE_SIZE = 64
 
 
 def normal_tensors() -> torch.inference_mode:
@@ -165,3 +168,89 @@ def forward_order(first_call: np.ndarray) -> np.ndarray:
         if seen.any():
             order[i, seen] = np.searchsorted(np.unique(row[seen]), row[seen])
     return order
+
+
+class FeatureRing:
+    """Per-feature statistics of one model input (the feature_stats op's rows, ops.FEATURE_ROWS),
+    per step: float64 [window, 7, F], several forwards of a step combined with one add and one
+    maximum; and each feature's first step with NaN and with Inf, over the whole run."""
+
+    def __init__(self, window: int, device: torch.device, features: int, dim: int) -> None:
+        self.window, self.device, self.features, self.dim = window, device, features, dim
+        additive = ops.FEATURE_ADDITIVE_ROWS
+        self.blank = torch.zeros((len(ops.FEATURE_ROWS), features), dtype=torch.float64)
+        self.blank[additive:] = -math.inf
+        self.blank = self.blank.to(device)
+        self.ring = self.blank.repeat(window, 1, 1)
+        self.rows = list(self.ring.unbind(0))
+        self.sums = [row[:additive] for row in self.rows]
+        self.extremes = [row[additive:] for row in self.rows]
+        self.first = torch.full((2, features), NEVER, dtype=torch.int64, device=device)
+
+    def record(self, step: int, stats: Tensor) -> None:
+        slot = step % self.window
+        self.sums[slot].add_(stats[: ops.FEATURE_ADDITIVE_ROWS])
+        extremes = self.extremes[slot]
+        torch.maximum(extremes, stats[ops.FEATURE_ADDITIVE_ROWS :], out=extremes)
+
+    def start(self, step: int) -> None:
+        """Clears the row of a new step (folding the latches first when the ring wraps)."""
+        slot = step % self.window
+        if slot == 0:
+            nan = ops.FEATURE_ROWS.index("nan")
+            fold(self.first, self.ring[:, nan : nan + 2] > 0, step - self.window)
+        self.rows[slot].copy_(self.blank)
+
+    def buffers(self) -> list[Tensor]:
+        return [self.ring, self.first]
+
+
+class IndexCache:
+    """Index tensors on the device, made once per key (a host-to-device copy each) and dropped all
+    at once past _INDEX_CACHE_SIZE keys, so that a list that changes every step cannot grow it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cache: dict[tuple, Tensor] = {}
+
+    def get(self, key: tuple) -> Tensor | None:
+        return self.cache.get(key)
+
+    def make(self, key: tuple, values: list[int]) -> Tensor:
+        if len(self.cache) >= _INDEX_CACHE_SIZE:
+            self.cache.clear()
+        with normal_tensors():
+            index = torch.tensor(values, dtype=torch.long, device=self.device)
+        self.cache[key] = index
+        return index
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.values())
+
+
+def grad_placement(
+    params: list[Tensor], column: dict[int, int], n: int, cache: IndexCache
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Where a step's values for `params` go in a gradient row (n parameters known), which of them
+    to keep (None: all), and, the first time this list is seen, the parameters that are not known
+    (say a learnable loss weight held by the optimizer), whose statistics are left out."""
+    key = ("grad", *map(id, params))
+    known = [(i, column[id(p)]) for i, p in enumerate(params) if id(p) in column]
+    strangers = [p for p in params if id(p) not in column]
+    positions = cache.get(key)
+    fresh = positions is None
+    if fresh:
+        columns = [c for _, c in known]
+        tail = [3 * n + j for j in range(GRAD_SCALARS)]
+        layout = columns + [n + c for c in columns] + [2 * n + c for c in columns] + tail
+        positions = cache.make(key, layout)
+    keep = None
+    if strangers:
+        k = len(params)
+        rows = [i for i, _ in known]
+        slots = rows + [k + i for i in rows] + [2 * k + i for i in rows]
+        keep_key = ("keep", *key)
+        keep = cache.get(keep_key)
+        if keep is None:
+            keep = cache.make(keep_key, slots + [3 * k + j for j in range(GRAD_SCALARS)])
+    return positions, keep, strangers if fresh else []

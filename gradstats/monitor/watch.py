@@ -20,6 +20,13 @@ _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.spars
 # Distinct inputs and outputs watched at most: names come from the data (dict keys of the inputs),
 # and a stream of new keys must not grow the buffers without bound.
 MAX_SITES = 1024
+# Per-feature statistics: "auto" feature dimension by number of dimensions, the dtypes the op reads,
+# and the most features an input may have (its ring holds window x 7 x F float64).
+_AUTO_FEATURE_DIM = {2: -1, 3: -1, 4: 1, 5: 1}
+_FEATURE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+MAX_FEATURES = 1024
+# An error caught in a hook is quoted up to this many characters in the report.
+_ERROR_CHARS = 160
 # Notes kept about what was not watched (distinct site and reason pairs).
 _MAX_NOTES = 32
 
@@ -97,6 +104,15 @@ def dense_values(grad: Tensor) -> Tensor:
     return grad
 
 
+def failed(exc: Exception) -> str:
+    """A note for an error the monitor caught: its type and first line, shortened."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if len(first) > _ERROR_CHARS:
+        first = first[:_ERROR_CHARS] + "..."
+    return f"the monitor's hook failed ({type(exc).__name__}: {first}); the call was not recorded"
+
+
 class Notes:
     """What the monitor could not watch, and errors its hooks caught, each said once per site with
     how often it happened; at most _MAX_NOTES sites are named (a count says how many more)."""
@@ -122,3 +138,22 @@ class Notes:
         if self.dropped:
             out.append(f"... and {self.dropped} more")
         return tuple(out)
+
+
+def feature_dim(t: Tensor, setting: int | str | None) -> int | None:
+    """The dimension of t that holds its features, or None when per-feature statistics do not
+    apply: "auto" takes the last dimension of tabular [batch, features] and sequence [batch, time,
+    features] inputs and the channels of images ([N, C, H, W], [N, C, D, H, W]); an int names it."""
+    if setting is None or t.dtype not in _FEATURE_DTYPES or t.layout != torch.strided:
+        return None
+    if setting == "auto":
+        return _AUTO_FEATURE_DIM.get(t.dim())
+    return setting if -t.dim() <= setting < t.dim() and t.dim() > 1 else None
+
+
+def check_feature_dim(setting: int | str | None) -> int | str | None:
+    if setting is None or setting == "auto":
+        return setting
+    if isinstance(setting, bool) or not isinstance(setting, int):
+        raise ValueError(f"feature_dim must be 'auto', None or an integer; got {setting!r}")
+    return setting
