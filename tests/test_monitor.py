@@ -212,7 +212,7 @@ def test_nan_input_is_bad_input_at_its_step(device):
     bad = next(f for f in findings if f.cause == "bad_input")
     assert bad.where == ("input[0]",)
     assert bad.evidence["nan"] == 1
-    assert bad.evidence["inf"] == 0
+    assert (bad.evidence["kind"], bad.evidence["features"]) == ("missing_values", (1,))
     assert causes(findings)["nonfinite_gradients"] == 7
     assert "fix the data first" in next(
         f.message for f in findings if f.cause == "nonfinite_gradients"
@@ -230,16 +230,22 @@ def test_extreme_input_is_bad_input():
 
 
 def test_input_jump_relative_to_its_own_scale():
-    """Inputs of scale 1e-3 that jump to 1 are extreme for that input although under the limit."""
+    """Inputs of scale 1e-3 that jump to 1 are extreme for that input although under the limit:
+    judged on the input as a whole without per-feature statistics, per feature with them."""
     model = small_mlp()
-    monitor = GradMonitor(model)
+    whole, per_feature = GradMonitor(model, feature_dim=None), GradMonitor(model)
     for step in range(12):
         x = torch.randn(8, 4) * (1e-3 if step != 9 else 1.0)
         model(x).sum().backward()
-        monitor.step()
-    bad = [f for f in monitor.diagnose() if f.cause == "bad_input"]
+        whole.step()
+        per_feature.step()
+    bad = [f for f in whole.diagnose() if f.cause == "bad_input"]
     assert [f.step for f in bad] == [9]
+    assert bad[0].evidence["kind"] == "extreme"
     assert bad[0].evidence["max_abs"] / bad[0].evidence["typical_max_abs"] > 100
+    (bad,) = [f for f in per_feature.diagnose() if f.cause == "bad_input"]
+    assert (bad.step, bad.evidence["kind"]) == (9, "outliers")
+    assert bad.evidence["ratio"] > per_feature.thresholds.outlier_factor
 
 
 def test_bad_input_example():

@@ -74,6 +74,13 @@ class MonitorThresholds:
     clip_percentile: the suggested clip threshold is this percentile of the healthy total norms
         (those before the first anomaly, leaving out the first min_history steps, whose norms right
         after initialisation are often far larger than later ones).
+    Per-feature input statistics (bad input, kinds unscaled_features and outliers):
+    unscaled_rms_limit: a feature whose typical RMS exceeds this is far from standardized (those
+        have RMS 1) ...
+    scale_spread_limit: ... and so are features whose typical RMS spread over more than this
+        factor (largest over smallest non-zero).
+    outlier_factor: a value more than this many robust spreads (median of the batch standard
+        deviations) away from its feature's median of batch means is an outlier.
     """
 
     explode_factor: float = 100.0
@@ -87,11 +94,21 @@ class MonitorThresholds:
     input_abs_limit: float = 1e4
     input_jump_factor: float = 100.0
     clip_percentile: float = 90.0
+    unscaled_rms_limit: float = 100.0
+    scale_spread_limit: float = 1e4
+    outlier_factor: float = 100.0
 
     def __post_init__(self) -> None:
         for name in ("growth_steps", "median_window", "min_history", "vanish_steps"):
             check_int(name, getattr(self, name), 1)
-        for name in ("explode_factor", "growth_factor", "input_jump_factor"):
+        for name in (
+            "explode_factor",
+            "growth_factor",
+            "input_jump_factor",
+            "unscaled_rms_limit",
+            "scale_spread_limit",
+            "outlier_factor",
+        ):
             _check_number(name, getattr(self, name), 1.0, math.inf, "> 1")
         for name in ("input_abs_limit", "explode_abs_limit"):
             _check_number(name, getattr(self, name), 0.0, math.inf, "> 0")
@@ -102,7 +119,7 @@ class MonitorThresholds:
 @dataclass(frozen=True)
 class InputFeatures:
     """Per-feature statistics of one model input over the kept steps (rows: MonitorHistory's
-    site_steps), feature dimension `dim` of the input.
+    site_steps), feature dimension `dim` of the input, which has `ndim` dimensions.
 
     count [k, F]: finite values seen that step (0: not observed); mean, rms [k, F] of those (NaN
     when none); low, high [k, F]: smallest and largest finite value (NaN when none); nan, inf
@@ -112,6 +129,7 @@ class InputFeatures:
 
     site: str
     dim: int
+    ndim: int
     count: np.ndarray
     mean: np.ndarray
     rms: np.ndarray

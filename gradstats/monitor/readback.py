@@ -25,7 +25,7 @@ class Layout:
     sites: tuple[str, ...]
     site_is_input: tuple[bool, ...]
     site_types: tuple[str, ...]
-    feature_dims: dict[str, int]
+    feature_dims: dict[str, tuple[int, int]]  # per input site: feature dim, number of dims
     unwatched: tuple[str, ...]
 
 
@@ -71,7 +71,7 @@ def build_history(
         order = np.full((k2, m), -1, dtype=np.int64)
     feature_history = []
     for site, (rows, first) in features.items():
-        f = _input_features(site, lay.feature_dims[site], rows, first, site_steps)
+        f = _input_features(site, *lay.feature_dims[site], rows, first, site_steps)
         feature_history.append(f)
         j = lay.sites.index(site)
         counts[:, 0, j], counts[:, 1, j] = f.nan.sum(axis=1), f.inf.sum(axis=1)
@@ -109,7 +109,7 @@ def _never(first: np.ndarray) -> np.ndarray:
 
 
 def _input_features(
-    site: str, dim: int, rows: np.ndarray, first: np.ndarray | None, steps: np.ndarray
+    site: str, dim: int, ndim: int, rows: np.ndarray, first: np.ndarray | None, steps: np.ndarray
 ) -> InputFeatures:
     r = {name: rows[:, i] for i, name in enumerate(ops.FEATURE_ROWS)}
     count = r["count"]
@@ -121,6 +121,7 @@ def _input_features(
     return InputFeatures(
         site=site,
         dim=dim,
+        ndim=ndim,
         count=count,
         mean=mean,
         rms=rms,

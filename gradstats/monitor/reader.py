@@ -52,7 +52,7 @@ class MonitorReader:
             sites=tuple(self._site_index),
             site_is_input=tuple(self._site_is_input),
             site_types=tuple(self._site_types.get(name, "") for name in self._site_index),
-            feature_dims={site: ring.dim for site, ring in self._features.items()},
+            feature_dims={site: (ring.dim, ring.ndim) for site, ring in self._features.items()},
             unwatched=self._notes.lines(),
         )
 

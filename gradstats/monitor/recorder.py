@@ -343,7 +343,7 @@ class GradMonitor(MonitorReader):
                 if self._site_columns((name,), is_input=True) is None:
                     return True
                 with normal_tensors():
-                    ring = FeatureRing(self.window, self._device, features, dim % t.dim())
+                    ring = FeatureRing(self.window, self._device, features, dim % t.dim(), t.dim())
                 self._features[name] = ring
             ring.record(self._step, self._here(stats))
         return True

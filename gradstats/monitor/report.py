@@ -21,6 +21,10 @@ TITLES = {
 NAMED_AT_MOST = 5
 _TITLE_NAMES = 3
 _WIDTH = 100
+# Numbers this large are written whole (2090, not 2.09e+03).
+_WHOLE_FROM = 1000
+_INDENT = "   "
+_BULLET = "     "
 
 
 def fmt(x: float) -> str:
@@ -30,6 +34,8 @@ def fmt(x: float) -> str:
     if x != 0 and not 1e-3 <= abs(x) < 1e4:
         mantissa, exponent = f"{x:.1e}".split("e")
         return f"{mantissa}e{int(exponent)}"
+    if abs(x) >= _WHOLE_FROM:
+        return f"{x:.0f}"
     return f"{x:.3g}"
 
 
@@ -83,9 +89,9 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
         lines.append(_paragraph(f"What to do: {f.advice}"))
     if h.unwatched:
         lines += ["", "Not watched (the rest was):"]
-        lines += [_paragraph(f"- {line}") for line in h.unwatched]
+        lines += [_paragraph(f"- {line}", _BULLET) for line in h.unwatched]
     return "\n".join(lines)
 
 
-def _paragraph(text: str) -> str:
-    return textwrap.fill(text, _WIDTH, initial_indent="   ", subsequent_indent="     ")
+def _paragraph(text: str, hang: str = _INDENT) -> str:
+    return textwrap.fill(text, _WIDTH, initial_indent=_INDENT, subsequent_indent=hang)

@@ -175,8 +175,11 @@ class FeatureRing:
     per step: float64 [window, 7, F], several forwards of a step combined with one add and one
     maximum; and each feature's first step with NaN and with Inf, over the whole run."""
 
-    def __init__(self, window: int, device: torch.device, features: int, dim: int) -> None:
-        self.window, self.device, self.features, self.dim = window, device, features, dim
+    def __init__(
+        self, window: int, device: torch.device, features: int, dim: int, ndim: int
+    ) -> None:
+        self.window, self.device, self.features = window, device, features
+        self.dim, self.ndim = dim, ndim
         additive = ops.FEATURE_ADDITIVE_ROWS
         self.blank = torch.zeros((len(ops.FEATURE_ROWS), features), dtype=torch.float64)
         self.blank[additive:] = -math.inf
