@@ -116,11 +116,13 @@ def record_from_history(h: MonitorHistory, th: MonitorThresholds, steps: int):
     rows = np.arange(max(0, at - steps + 1), at + 1)
     site_at = np.nonzero(h.site_steps == int(step))[0]
     return FlightRecord(
-        int(step), TRIGGERS[int(reason)], h.steps[rows].tolist(), _tables(h, rows, site_at)
+        int(step), TRIGGERS[int(reason)], h.steps[rows].tolist(), tables(h, rows, site_at)
     )
 
 
-def _tables(h: MonitorHistory, rows: np.ndarray, site_at: np.ndarray) -> dict[str, Any]:
+def tables(h: MonitorHistory, rows: np.ndarray, site_at: np.ndarray) -> dict[str, Any]:
+    """The gradient and site statistics of the given gradient rows, and the per-feature input
+    statistics of the site row site_at (empty: none), as lists for JSON."""
     site_rows = np.searchsorted(h.site_steps, h.steps[rows])
     data: dict[str, Any] = {
         "parameters": list(h.names),

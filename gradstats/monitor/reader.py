@@ -18,7 +18,13 @@ from torch import Tensor
 
 from gradstats import ops
 from gradstats.monitor.diagnose import diagnose_history
-from gradstats.monitor.flight import TRIGGERS, FlightRecord, record_from_history, write_dump
+from gradstats.monitor.flight import (
+    TRIGGERS,
+    FlightRecord,
+    record_from_history,
+    tables,
+    write_dump,
+)
 from gradstats.monitor.history import Finding, MonitorHistory
 from gradstats.monitor.plot import save_plot
 from gradstats.monitor.readback import Layout, build_history, to_host
@@ -103,9 +109,8 @@ class MonitorReader:
             site_copies,
             features,
         )
-        record = record_from_history(h, self.thresholds, self._flight.steps)
-        data = record.data if record is not None and record.step == trip else {}
-        return FlightRecord(trip, reason, steps[valid].tolist(), data)
+        rows = np.arange(h.steps.size)
+        return FlightRecord(trip, reason, h.steps.tolist(), tables(h, rows, rows[-1:]))
 
     def history(self) -> MonitorHistory:
         """The ring buffers on the host, oldest step first (one device-to-host copy)."""
