@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DEVICES
-from monitor_helpers import NAN, host_reads_forbidden, small_mlp
+from monitor_helpers import NAN, host_reads_forbidden, load_example, small_mlp
 from torch import nn
 
 from gradstats import GradMonitor, MonitorThresholds
@@ -124,7 +124,7 @@ def test_unscaled_features_are_named_with_their_scales():
     assert ev["smallest_rms"] == pytest.approx(1e-3, rel=0.2)
     assert "unscaled features" in finding.message and "feature 4" in finding.message
     assert "StandardScaler" in finding.advice and "RobustScaler" in finding.advice
-    assert "4 (mean" in finding.advice
+    assert "features 4 (mean" in finding.advice
 
 
 def test_scales_spread_over_orders_of_magnitude_are_unscaled():
@@ -275,3 +275,14 @@ def test_thresholds_of_the_feature_rules():
     for x, _ in tabular(10, [1e-3, 0.5, 1.0, 40.0, 3000.0]):
         model(x)
     assert bad_inputs(monitor) == []
+
+
+def test_unscaled_features_example():
+    example = load_example("nan_unscaled_features")
+    (finding,) = example.train("unscaled").diagnose()
+    assert (finding.cause, finding.evidence["kind"]) == ("bad_input", "unscaled_features")
+    assert finding.evidence["features"] == (example.OUTLIER_FEATURE,)  # the population
+    findings = example.train("outlier").diagnose()
+    assert findings[0].evidence["kind"] == "outliers"  # the cause before its consequence
+    assert (findings[0].step, findings[0].evidence["value"]) == (30, example.OUTLIER_VALUE)
+    assert example.train("scaled").diagnose() == []

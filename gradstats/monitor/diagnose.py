@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradstats.monitor.bad_input import bad_input
-from gradstats.monitor.history import CAUSES, Finding, MonitorHistory, MonitorThresholds
+from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.report import (
     NAMED_AT_MOST,
     TITLES,
@@ -26,6 +26,14 @@ from gradstats.monitor.report import (
 # Sustained growth also needs the norm to rise from one step to the next this often in the window,
 # so that a noisy but flat series whose end happens to sit above its start does not count.
 _GROWTH_RISING_SHARE = 0.8
+# Findings of one step: causes before their consequences.
+_ORDER = (
+    "bad_input",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "nonfinite_gradients",
+    "nonfinite_activations",
+)
 # Parameters with at least this many dimensions are weights (matrices, kernels, embeddings).
 _WEIGHT_NDIM = 2
 
@@ -55,7 +63,7 @@ def diagnose_history(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
         *_vanishing(h, th),
     ]
     findings = _cross_reference(findings)
-    return sorted(findings, key=lambda f: (f.step, CAUSES.index(f.cause)))
+    return sorted(findings, key=lambda f: (f.step, _ORDER.index(f.cause)))
 
 
 def _cross_reference(findings: list[Finding]) -> list[Finding]:

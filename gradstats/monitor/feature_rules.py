@@ -127,8 +127,8 @@ def unscaled_features(f: InputFeatures, steps: np.ndarray, th: MonitorThresholds
     advice = (
         "Standardize every feature before training, fitted on the training set: "
         "sklearn.preprocessing.StandardScaler, i.e. x' = (x - mean) / std, with the numbers seen "
-        f"here for {_features(named, numbers)}; or sklearn.preprocessing.RobustScaler (median "
-        "and interquartile range) when the features have outliers."
+        f"here for features {_features(large, numbers)}; or sklearn.preprocessing.RobustScaler "
+        "(median and interquartile range) when the features have outliers."
     )
     return Finding("bad_input", (f.site,), step, evidence, message, advice)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradstats import ops
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.rings import NEVER
 
@@ -73,6 +74,41 @@ class FlightRecorder:
             self.copies[name] = torch.where(take, taken, kept)
         torch.where(take, reason, self.reason, out=self.reason)
         torch.where(take, step, self.step, out=self.step)
+
+    def check(
+        self,
+        step: int,
+        n: int,
+        sources: dict[str, Tensor],
+        feature_rings: list[Tensor],
+        th: MonitorThresholds,
+    ) -> None:
+        """At `step`, a multiple of half the window: the first step of the half window just ended
+        that trips the recorder, and copies of the rows of every ring in sources up to it. The
+        gradient ring (sources["grads"], n parameters) sets the window; site counts come from
+        sources["site_counts"] and the feature rings (NaN and Inf rows)."""
+        grads = sources["grads"]
+        w, device = grads.shape[0], grads.device
+        steps = torch.arange(step - w, step, device=device)
+        rows = torch.remainder(steps, w)  # the ring row of each step, oldest first
+        chrono = grads.index_select(0, rows)
+        site_bad = torch.zeros(w, dtype=torch.bool, device=device)
+        if "site_counts" in sources:
+            site_bad |= sources["site_counts"].index_select(0, rows).sum((1, 2)) > 0
+        nan = ops.FEATURE_ROWS.index("nan")
+        for ring in feature_rings:
+            site_bad |= ring.index_select(0, rows)[:, nan : nan + 2].sum((1, 2)) > 0
+        found, reason = first_trigger(
+            steps,
+            chrono[:, 3 * n],
+            chrono[:, n : 3 * n].sum(1) > 0,
+            site_bad,
+            steps >= step - w // 2,
+            th,
+        )
+        offsets = torch.arange(1 - self.steps, 1, device=device)
+        taken = torch.remainder(found.clamp(max=step - 1) + offsets, w)
+        self.capture(found, reason, {name: (ring, taken) for name, ring in sources.items()})
 
     def buffers(self) -> list[Tensor]:
         return [self.step, self.reason, *self.copies.values()]

@@ -25,7 +25,6 @@ from gradstats._core import INF_ROW, NAN_ROW, GradStats, check_int, check_norm_t
 from gradstats.distributed import statistics
 from gradstats.monitor.flight import (
     FlightRecorder,
-    first_trigger,
 )
 from gradstats.monitor.history import (
     MonitorThresholds,
@@ -389,36 +388,20 @@ class GradMonitor(MonitorReader):
         return index
 
     def _check_flight(self) -> None:
-        """Every half window, on the device: the first step of the half window just ended that
-        trips the flight recorder, and copies of the rows up to it (flight.py)."""
-        w, n, half = self.window, len(self._params), self.window // 2
-        flight, ring = self._flight, self._grads.ring
-        steps = torch.arange(self._step - w, self._step, device=self._device)
-        rows = torch.remainder(steps, w)  # row of each step, oldest first
-        chrono = ring.index_select(0, rows)
-        site_bad = torch.zeros(w, dtype=torch.bool, device=self._device)
+        """Every half window, on the device: the flight recorder's check (flight.py)."""
+        feature_rings = list(self._features.items())
+        sources = {"grads": self._grads.ring}
         if self._sites is not None:
-            site_bad |= self._sites.counts.index_select(0, rows).sum((1, 2)) > 0
-        for feature_ring in self._features.values():
-            nan = ops.FEATURE_ROWS.index("nan")
-            site_bad |= feature_ring.ring.index_select(0, rows)[:, nan : nan + 2].sum((1, 2)) > 0
-        step, reason = first_trigger(
-            steps,
-            chrono[:, 3 * n],
-            chrono[:, n : 3 * n].sum(1) > 0,
-            site_bad,
-            steps >= self._step - half,
+            sources["site_counts"] = self._sites.counts
+            sources["site_max"] = self._sites.max_abs
+        sources.update({f"features:{site}": ring.ring for site, ring in feature_rings})
+        self._flight.check(
+            self._step,
+            len(self._params),
+            sources,
+            [r.ring for _, r in feature_rings],
             self.thresholds,
         )
-        offsets = torch.arange(1 - flight.steps, 1, device=self._device)
-        taken = torch.remainder(step.clamp(max=self._step - 1) + offsets, w)
-        sources = {"grads": (ring, taken)}
-        if self._sites is not None:
-            sources["site_counts"] = (self._sites.counts, taken)
-            sources["site_max"] = (self._sites.max_abs, taken)
-        for site, feature_ring in self._features.items():
-            sources[f"features:{site}"] = (feature_ring.ring, taken)
-        flight.capture(step, reason, sources)
 
     # ---------------------------------------------------------------------------- hooks
 

@@ -75,7 +75,7 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
     if not findings:
         lines.append(
             "No problem found: no NaN/Inf in gradients or watched tensors, no exploding or "
-            "vanishing gradients, no extreme inputs."
+            "vanishing gradients, no bad input data (missing values, unscaled features, outliers)."
         )
     else:
         lines.append(f"{len(findings)} finding(s), oldest first:")
