@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradstats.monitor.bad_input import bad_input
-from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
+from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds, quiet_median
 from gradstats.monitor.report import (
     NAMED_AT_MOST,
     TITLES,
@@ -41,13 +40,6 @@ _WEIGHT_NDIM = 2
 def _owner(name: str) -> str:
     """The module that owns a parameter: "0" for "0.weight", "(model)" for the root's own."""
     return name.rpartition(".")[0] or "(model)"
-
-
-def _quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """nanmedian without the all-NaN warning (an all-NaN slice gives NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(a, axis=axis)
 
 
 # ---------------------------------------------------------------------------- diagnosis
@@ -143,7 +135,7 @@ def _exploding(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
             "learning rate."
         )
 
-    per_param = h.grad_norms[surge.end_row] / _quiet_median(h.grad_norms[surge.base_rows], axis=0)
+    per_param = h.grad_norms[surge.end_row] / quiet_median(h.grad_norms[surge.base_rows], axis=0)
     per_param = np.where(np.isfinite(per_param), per_param, -np.inf)
     order = [int(j) for j in np.argsort(-per_param, kind="stable") if per_param[j] > -np.inf]
     exploded = [j for j in order if per_param[j] > th.explode_factor]
@@ -263,8 +255,8 @@ def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     )
     if flagged.size > NAMED_AT_MOST:
         described += f" and {flagged.size - NAMED_AT_MOST} more"
-    top = int(np.argmax(_quiet_median(np.where(finite, norms, np.nan), axis=0)))
-    largest_norm = float(_quiet_median(largest[tiny.any(axis=1), 0]))
+    top = int(np.argmax(quiet_median(np.where(finite, norms, np.nan), axis=0)))
+    largest_norm = float(quiet_median(largest[tiny.any(axis=1), 0]))
     message = (
         f"{flagged.size} of {norms.shape[1]} parameters, in layer(s) "
         f"{listed(sorted(layers, key=list(map(_owner, h.names)).index))}, had gradient norms below "

@@ -7,27 +7,15 @@ always bad_input, so that code switching on Finding.cause keeps working.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from gradstats.monitor.history import Finding, InputFeatures, MonitorThresholds
+from gradstats.monitor.history import Finding, InputFeatures, MonitorThresholds, quiet_median
 from gradstats.monitor.report import fmt, fmt_int, listed
 
 # A message names at most this many features with their numbers.
 _FEATURES_NAMED = 5
-# The robust spread is never taken below this share of the input's typical feature spread: a
-# feature that is nearly always one value (a rare category, a pixel at the border) has no spread
-# of its own, and its rare other values are data, not outliers.
-_SPREAD_FLOOR_SHARE = 1.0
 # Inputs with 2 dimensions are tables: a feature's NaN count is its number of rows with NaN.
 _TABLE_NDIM = 2
-
-
-def _quiet_nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(a, axis=axis)
 
 
 def _features(indices, values: dict[str, np.ndarray]) -> str:
@@ -83,9 +71,9 @@ def feature_scales(f: InputFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray
     deviation (medians, so that a few bad batches do not set them)."""
     std = np.sqrt(np.maximum(f.rms**2 - f.mean**2, 0.0))
     return (
-        _quiet_nanmedian(f.rms, 0),
-        _quiet_nanmedian(f.mean, 0),
-        _quiet_nanmedian(np.where(np.isnan(f.rms), np.nan, std), 0),
+        quiet_median(f.rms, 0),
+        quiet_median(f.mean, 0),
+        quiet_median(np.where(np.isnan(f.rms), np.nan, std), 0),
     )
 
 
@@ -142,7 +130,10 @@ def outliers(f: InputFeatures, steps: np.ndarray, th: MonitorThresholds) -> Find
     if observed.sum() < th.min_history:
         return None
     _, centre, spread = feature_scales(f)
-    floor = _SPREAD_FLOOR_SHARE * float(_quiet_nanmedian(spread[spread > 0], 0))
+    # A feature's spread is never taken below the input's typical one: a feature that is nearly
+    # always one value (a rare category, a pixel at the border) has no spread of its own, and its
+    # rare other values are data, not outliers.
+    floor = float(quiet_median(spread[spread > 0], 0))
     if not np.isfinite(floor):
         return None
     spread = np.maximum(np.nan_to_num(spread), floor)

@@ -24,6 +24,8 @@ from gradstats import ops
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.rings import NEVER
 
+# The dump's JSON: one space per level keeps the per-step tables readable and short.
+_JSON_INDENT = 1
 # What tripped the recorder, in the order they are checked; the index is stored on the device.
 TRIGGERS = ("nonfinite_gradients", "nonfinite_activations", "exploding_gradients")
 
@@ -201,7 +203,9 @@ def write_dump(
         "report": report,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, default=_jsonable, indent=1, allow_nan=True) + "\n")
+    path.write_text(
+        json.dumps(payload, default=_jsonable, indent=_JSON_INDENT, allow_nan=True) + "\n"
+    )
     return path
 
 

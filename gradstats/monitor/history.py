@@ -208,3 +208,10 @@ def resolve_thresholds(
         stacklevel=3,
     )
     return dataclasses.replace(base, **deprecated)
+
+
+def quiet_median(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """nanmedian without the all-NaN warning (an all-NaN slice gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)

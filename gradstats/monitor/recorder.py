@@ -85,7 +85,8 @@ class GradMonitor(MonitorReader):
             every input, or None (no per-feature statistics).
         dump_dir: where the flight record (monitor.dump) is written by itself once a NaN/Inf or an
             exploding step was seen, at the first read-back after it (history, diagnose, report,
-            scalars, plot), at close() and at exit; the report names the file.
+            scalars, plot), at close() and at exit; the report names the file, and so does
+            monitor.dumped (None until then).
 
     The thresholds used to be keyword arguments of their own (explode_factor=..., ...); those
     still work, with a DeprecationWarning.
