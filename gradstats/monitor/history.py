@@ -31,14 +31,15 @@ class Finding:
     cause: one of CAUSES. where: parameter names (gradients), input names such as "input[0]" or
     "input[x]", or module names (activations). step: the number of monitor.step() calls made before
     the problem was first seen (the forward and backward before the first step() are step 0).
-    evidence: the numbers behind it (bad_input findings also say which kind under "kind").
+    evidence: the numbers behind it (bad_input findings also say which kind under "kind", and
+    per-feature kinds the feature indices under "features").
     message: what was seen. advice: what to do about it.
     """
 
     cause: str
     where: tuple[str, ...]
     step: int
-    evidence: dict[str, float | str]
+    evidence: dict[str, float | str | tuple[int, ...]]
     message: str
     advice: str
 

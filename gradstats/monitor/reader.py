@@ -140,7 +140,8 @@ class MonitorReader:
         inputs or watched outputs held NaN/Inf, or whose total norm exploded), the gradient,
         input and output statistics of the steps up to it, that step's per-feature input
         statistics, the findings and the report; and the plot next to it (.png) when matplotlib
-        is installed. With no trigger yet, the last steps kept. One device-to-host copy."""
+        is installed. With no trigger yet, the findings and the report only. NaN and Inf are
+        written as Python's json writes them (NaN, Infinity). One device-to-host copy."""
         h, record = self._read()
         return self._write(Path(path), h, record)
 
