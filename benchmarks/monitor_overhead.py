@@ -9,7 +9,9 @@ repetition) of wall time and of process CPU time; when other processes compete f
 CPU time, which counts only this process's work, is the steadier of the two.
 
   plain            forward, backward, Adam
-  + monitor        the same plus monitor.step() (its own fused pass) and the input hook
+  + monitor        the same plus monitor.step() (its own fused pass) and the input hook, which
+                   reads the input once for its per-feature statistics
+  + monitor(nofeat) the same with feature_dim=None: the input read as a whole (the fused stats op)
   clip             forward, backward, grad_stats + clip (what a clipping optimizer does), Adam
   clip + monitor   the same plus monitor.step(stats=..., params=...) reusing those statistics
   + monitor(all)   plain plus monitor.step() with every leaf module's output watched
@@ -60,7 +62,11 @@ def make_step(name: str, base: nn.Module, device: str, batch: int) -> Callable[[
     y = torch.randint(0, OUT, (batch,), device=device)
     monitor = None
     if "monitor" in name:
-        monitor = gradstats.GradMonitor(model, watch_modules="all" if "(all)" in name else None)
+        monitor = gradstats.GradMonitor(
+            model,
+            watch_modules="all" if "(all)" in name else None,
+            feature_dim=None if "(nofeat)" in name else "auto",
+        )
     clip = name.startswith("clip")
 
     def step() -> None:
@@ -138,7 +144,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = make_model()
-    names = ["plain", "+ monitor", "clip", "clip + monitor", "+ monitor(all)"]
+    names = ["plain", "+ monitor", "+ monitor(nofeat)", "clip", "clip + monitor", "+ monitor(all)"]
     steps = {name: make_step(name, base, args.device, args.batch) for name in names}
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
@@ -170,7 +176,7 @@ def main() -> None:
     )
     print(f"median of {args.reps} interleaved repetitions of {args.steps} steps, after warm-up")
     print(
-        f"{'configuration':<16} {'ms/step':>8} {'baseline':>9} {'wall':>7} {'added':>7} "
+        f"{'configuration':<18} {'ms/step':>8} {'baseline':>9} {'wall':>7} {'added':>7} "
         f"{'cpu':>7} {'added':>7} {'host reads/step':>16} {'aten ops/step':>14}"
     )
     for name in names:
@@ -180,7 +186,7 @@ def main() -> None:
         cpu_ratio = statistics.median(a / b for a, b in zip(cpu[name], cpu[base_name]))
         added = reads[name] - reads[base_name]
         print(
-            f"{name:<16} {median * 1e3:>8.3f} {base_name:>9} {wall:>7.3f} "
+            f"{name:<18} {median * 1e3:>8.3f} {base_name:>9} {wall:>7.3f} "
             f"{(wall - 1) * 100:>+6.1f}% {cpu_ratio:>7.3f} {(cpu_ratio - 1) * 100:>+6.1f}% "
             f"{reads[name]:>9.1f} ({added:+.0f}) {ops[name]:>7} ({ops[name] - ops[base_name]:+d})"
         )

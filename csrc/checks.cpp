@@ -177,6 +177,31 @@ std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensor
   return counts;
 }
 
+FeatureInput prepare_feature_input(const at::Tensor& input, int64_t dim) {
+  TORCH_CHECK(input.defined(), "gradstats.feature_stats: the input is undefined (None)");
+  TORCH_CHECK(input.layout() == c10::kStrided, "gradstats.feature_stats: the input has layout ",
+              input.layout(),
+              "; expected a dense (strided) tensor (pass the values of a sparse one)");
+  const auto type = input.scalar_type();
+  TORCH_CHECK(
+      type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+      "gradstats.feature_stats: the input has dtype ", type,
+      "; expected float64, float32, float16 or bfloat16");
+  const int64_t ndim = input.dim();
+  TORCH_CHECK(ndim >= 1,
+              "gradstats.feature_stats: the input is 0-dim; expected at least one "
+              "dimension, one of which holds the features");
+  TORCH_CHECK(dim >= -ndim && dim < ndim, "gradstats.feature_stats: dim ", dim,
+              " is out of range for an input of ", ndim, " dimensions (sizes ", input.sizes(), ")");
+  const int64_t d = dim < 0 ? dim + ndim : dim;
+  TORCH_CHECK(input.size(d) > 0, "gradstats.feature_stats: the feature dimension ", d,
+              " of the input (sizes ", input.sizes(), ") is empty");
+  FeatureShape shape{1, input.size(d), 1};
+  for (int64_t i = 0; i < d; ++i) shape.outer *= input.size(i);
+  for (int64_t i = d + 1; i < ndim; ++i) shape.inner *= input.size(i);
+  return FeatureInput{input.contiguous(), shape};
+}
+
 namespace {
 
 // Sparse tensors dispatch to their own keys, where no kernel would otherwise exist: these kernels
@@ -193,9 +218,15 @@ void reject_sparse_scale(at::TensorList tensors, const at::Tensor&,
   TORCH_CHECK(false, "gradstats.scale_: unsupported tensor layout");
 }
 
+at::Tensor reject_sparse_features(const at::Tensor& input, int64_t dim) {
+  prepare_feature_input(input, dim);
+  TORCH_CHECK(false, "gradstats.feature_stats: unsupported tensor layout");
+}
+
 void register_sparse_rejections(torch::Library& m) {
   m.impl("stats", &reject_sparse_stats);
   m.impl("scale_", &reject_sparse_scale);
+  m.impl("feature_stats", &reject_sparse_features);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "feature_stats.h"
 #include "layout.h"
 #include "partial.h"
 
@@ -60,5 +61,15 @@ StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors, bool
 std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensors,
                                            const at::Tensor& coef,
                                            const std::optional<at::Tensor>& zero_nonfinite);
+
+// feature_stats' input, validated: its contiguous data, seen as [outer, features, inner].
+struct FeatureInput {
+  at::Tensor data;
+  FeatureShape shape;
+};
+
+// Checks feature_stats' arguments (a dense floating tensor of at least one dimension, dim within
+// them, the feature dimension not empty) and returns the data to read.
+FeatureInput prepare_feature_input(const at::Tensor& input, int64_t dim);
 
 }  // namespace gradstats

@@ -15,4 +15,8 @@ TORCH_LIBRARY(gradstats, m) {
   // With zero_nonfinite (per-tensor non-finite counts), the NaN/Inf elements of the tensors whose
   // count is positive are set to 0.
   m.def("scale_(Tensor(a!)[] tensors, Tensor coef, Tensor? zero_nonfinite=None) -> ()");
+  // Per-feature statistics of one input, feature dimension `dim` (the last for tabular and sequence
+  // inputs, 1 for NCHW images): float64 [7, size(dim)], rows finite count, sum, sum of squares,
+  // NaN count, Inf count, -min, max (see csrc/feature_stats.h). Read in one pass, on the device.
+  m.def("feature_stats(Tensor input, int dim) -> Tensor");
 }

@@ -8,7 +8,7 @@ from gradstats._build import BuildError
 from gradstats._core import GradStats
 from gradstats._version import __version__
 from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
-from gradstats.monitor import Finding, GradMonitor, MonitorHistory
+from gradstats.monitor import Finding, GradMonitor, MonitorHistory, MonitorThresholds
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
 from gradstats.plan import GradPlan
@@ -24,6 +24,7 @@ __all__ = [
     "GradPlan",
     "GradStats",
     "MonitorHistory",
+    "MonitorThresholds",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

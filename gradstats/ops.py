@@ -19,7 +19,7 @@ _C, BUILD_INFO = load_library()
 # fakes and the Python API raise "gradstats: <text>; got <value>" alike.
 MESSAGES: dict[str, str] = _C.argument_messages()
 
-OP_NAMES = ("stats", "scale_")
+OP_NAMES = ("stats", "scale_", "feature_stats")
 POLICIES = ("propagate", "skip", "zero")
 _SUPPORTED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -177,3 +177,34 @@ def _scale_fake(tensors, coef, zero_nonfinite=None):
             f"gradstats.scale_: coef is on {coef.device} but the tensors are on {tensors[0].device}"
         ),
     )
+
+
+# Rows of feature_stats' output (csrc/feature_stats.h): the additive ones first, then the extremes,
+# the smallest stored as -min, so that several calls combine with one add and one maximum.
+FEATURE_ROWS = ("count", "sum", "sumsq", "nan", "inf", "neg_min", "max")
+FEATURE_ADDITIVE_ROWS = 5
+
+
+def feature_stats(input: Tensor, dim: int) -> Tensor:
+    """Per-feature statistics of one dense input in one pass, feature dimension `dim`: float64
+    [7, input.size(dim)] with the rows of FEATURE_ROWS (finite count, sum, sum of squares, NaN
+    count, Inf count, -min and max of the finite values; -inf where a feature has none)."""
+    with torch.no_grad():
+        return torch.ops.gradstats.feature_stats(input, int(dim))
+
+
+@torch.library.register_fake("gradstats::feature_stats")
+def _feature_stats_fake(input, dim):
+    torch._check(
+        input.dtype in _SUPPORTED,
+        lambda: (
+            f"gradstats.feature_stats: the input has dtype {input.dtype}; expected float64, "
+            "float32, float16 or bfloat16"
+        ),
+    )
+    torch._check(input.dim() >= 1, lambda: "gradstats.feature_stats: the input is 0-dim")
+    torch._check(
+        -input.dim() <= dim < input.dim(),
+        lambda: f"gradstats.feature_stats: dim {dim} is out of range for {input.dim()} dimensions",
+    )
+    return input.new_empty((len(FEATURE_ROWS), input.shape[dim]), dtype=torch.float64)

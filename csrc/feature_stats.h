@@ -1,0 +1,100 @@
+// What the CPU and CUDA kernels of feature_stats share: the statistics of one feature (one index of
+// the feature dimension) over a piece of an input, how pieces combine in a fixed order, and where
+// each statistic goes in the output. Plain C++ (host and device), no torch dependency.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "partial.h"
+
+namespace gradstats {
+
+// Rows of feature_stats' output, float64 [kFeatureRows, F]. The additive rows come first and the
+// extremes last, the smallest stored as -min, so that the statistics of several calls (several
+// forwards in one step) combine with one add and one maximum.
+constexpr int64_t kFeatureRows = 7;
+constexpr int64_t kFeatCountRow = 0;   // finite elements
+constexpr int64_t kFeatSumRow = 1;     // sum of the finite elements
+constexpr int64_t kFeatSumSqRow = 2;   // sum of their squares (Inf only for |x| > 1e154)
+constexpr int64_t kFeatNanRow = 3;     // NaN elements
+constexpr int64_t kFeatInfRow = 4;     // +-Inf elements
+constexpr int64_t kFeatNegMinRow = 5;  // -(smallest finite element), -inf when there is none
+constexpr int64_t kFeatMaxRow = 6;     // largest finite element, -inf when there is none
+constexpr int64_t kFeatAdditiveRows = 5;
+
+// One feature's statistics over a piece, in float64 (counts are exact below 2^53 elements).
+struct FeatureAcc {
+  double count;
+  double sum;
+  double sumsq;
+  double nan;
+  double inf;
+  double neg_min;
+  double max;
+};
+
+GS_HD FeatureAcc empty_feature_acc() {
+  const double none = -std::numeric_limits<double>::infinity();
+  return FeatureAcc{0.0, 0.0, 0.0, 0.0, 0.0, none, none};
+}
+
+GS_HD void add_value(FeatureAcc& acc, double x) {
+  if (std::isnan(x)) {
+    acc.nan += 1.0;
+  } else if (std::isinf(x)) {
+    acc.inf += 1.0;
+  } else {
+    acc.count += 1.0;
+    acc.sum += x;
+    acc.sumsq += x * x;
+    acc.neg_min = fmax(acc.neg_min, -x);
+    acc.max = fmax(acc.max, x);
+  }
+}
+
+// acc += other; pieces are combined in piece order, so the result does not depend on threads.
+GS_HD void combine_features(FeatureAcc& acc, const FeatureAcc& other) {
+  acc.count += other.count;
+  acc.sum += other.sum;
+  acc.sumsq += other.sumsq;
+  acc.nan += other.nan;
+  acc.inf += other.inf;
+  acc.neg_min = fmax(acc.neg_min, other.neg_min);
+  acc.max = fmax(acc.max, other.max);
+}
+
+// Writes feature f's statistics into column f of the [kFeatureRows, features] output.
+GS_HD void store_feature(const FeatureAcc& acc, double* out, int64_t f, int64_t features) {
+  out[kFeatCountRow * features + f] = acc.count;
+  out[kFeatSumRow * features + f] = acc.sum;
+  out[kFeatSumSqRow * features + f] = acc.sumsq;
+  out[kFeatNanRow * features + f] = acc.nan;
+  out[kFeatInfRow * features + f] = acc.inf;
+  out[kFeatNegMinRow * features + f] = acc.neg_min;
+  out[kFeatMaxRow * features + f] = acc.max;
+}
+
+// An input seen as [outer, features, inner] (contiguous): element (o, f, i) is at
+// (o * features + f) * inner + i. The kernels cut the outer dimension into pieces of whole
+// [features, inner] slices, at most kFeaturePieceElems elements each (at least one slice).
+struct FeatureShape {
+  int64_t outer;
+  int64_t features;
+  int64_t inner;
+};
+
+constexpr int64_t kFeaturePieceElems = int64_t{1} << 16;
+
+GS_HD int64_t feature_slices_per_piece(const FeatureShape& s) {
+  const int64_t slice = s.features * s.inner;
+  return slice >= kFeaturePieceElems || slice == 0 ? 1 : kFeaturePieceElems / slice;
+}
+
+GS_HD int64_t feature_pieces(const FeatureShape& s) {
+  const int64_t per = feature_slices_per_piece(s);
+  return (s.outer + per - 1) / per;
+}
+
+}  // namespace gradstats
