@@ -132,6 +132,17 @@ def main() -> int:
     gradstats.clip_grad_norm_(params, 1.0)
     ops.scale_(long_list, torch.tensor(0.5, device="cuda"))
 
+    # The monitor's per-feature statistics: rows of features, and NCHW channels (an inner stride).
+    features = torch.randn(300, 17, device="cuda")
+    features[5, 3] = math.nan
+    images = torch.randn(4, 3, 9, 11, device="cuda").to(torch.bfloat16)
+    for x, dim in ((features, 1), (features[::2], 1), (images, 1)):
+        got = ops.feature_stats(x, dim).cpu()
+        want = ops.feature_stats(x.cpu(), dim)
+        if not torch.allclose(got, want, equal_nan=True):
+            print(f"feature_stats differs from the CPU kernel's (dim {dim}, {tuple(x.shape)})")
+            ok = False
+
     torch.cuda.synchronize()
     print("sanitize_case: ok" if ok else "sanitize_case: FAILED")
     return 0 if ok else 1

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/features.h"
 #include "cpu/simd.h"
 #include "device_plan.h"
 #include "layout.h"
@@ -267,6 +268,7 @@ std::unique_ptr<DevicePlan> make_cpu_plan(std::vector<at::Tensor> tensors) {
 TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
   m.impl("stats", &cpu::stats_cpu);
   m.impl("scale_", &cpu::scale_cpu);
+  m.impl("feature_stats", &cpu::feature_stats_cpu);
 }
 
 }  // namespace gradstats

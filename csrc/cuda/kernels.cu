@@ -1,6 +1,7 @@
 // Launches the kernels of kernels.cuh for the two table sizes; the one CUDA translation unit.
 #include <c10/cuda/CUDAException.h>
 
+#include "cuda/features.cuh"
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/planner.h"
+#include "feature_stats.h"
 #include "partial.h"
 
 namespace gradstats::gpu {
@@ -53,5 +54,11 @@ template <class Table>
 void launch_stats(const Table& table, const StatsArgs& args, int grid, cudaStream_t stream);
 template <class Table>
 void launch_scale(const Table& table, const ScaleArgs& args, int grid, cudaStream_t stream);
+
+// Launches the two kernels of feature_stats on `stream`: one block per (feature, piece) writes the
+// piece's statistics to `partials` ([pieces, features]), then one thread per feature combines them
+// in piece order into `out` ([kFeatureRows, features] float64). `data` is contiguous, of `dtype`.
+void launch_feature_stats(const void* data, DType dtype, const FeatureShape& shape,
+                          FeatureAcc* partials, double* out, cudaStream_t stream);
 
 }  // namespace gradstats::gpu

@@ -215,6 +215,21 @@ void scale_cuda(at::TensorList tensor_list, const at::Tensor& coef,
   CudaPlan(std::move(tensors)).scale(coef, counts);
 }
 
+at::Tensor feature_stats_cuda(const at::Tensor& input, int64_t dim) {
+  const FeatureInput in = prepare_feature_input(input, dim);
+  const FeatureShape& s = in.shape;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  at::Tensor out = at::empty({kFeatureRows, s.features}, input.options().dtype(at::kDouble));
+  const int64_t bytes = std::max<int64_t>(1, feature_pieces(s) * s.features) *
+                        static_cast<int64_t>(sizeof(FeatureAcc));
+  const at::Tensor workspace = at::empty({bytes}, input.options().dtype(at::kByte));
+  launch_feature_stats(in.data.const_data_ptr(), dtype_tag(in.data.scalar_type()), s,
+                       static_cast<FeatureAcc*>(workspace.data_ptr()), out.data_ptr<double>(),
+                       stream);
+  return out;
+}
+
 }  // namespace
 }  // namespace gpu
 
@@ -225,6 +240,7 @@ std::unique_ptr<DevicePlan> make_cuda_plan(std::vector<at::Tensor> tensors) {
 TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
   m.impl("stats", &gpu::stats_cuda);
   m.impl("scale_", &gpu::scale_cuda);
+  m.impl("feature_stats", &gpu::feature_stats_cuda);
 }
 
 }  // namespace gradstats

@@ -1,13 +1,16 @@
-// Kernels of feature_stats. Deterministic: every (feature, piece) block reduces its elements in a
-// fixed order (each thread a fixed stride, then a fixed tree over the block), and the pieces are
-// combined in piece order by a second kernel; no atomics.
+// Kernels of feature_stats (compiled in kernels.cu, the one CUDA translation unit). Deterministic:
+// every (feature, piece) block reduces its elements in a fixed order (each thread a fixed stride,
+// then a fixed tree over the block), and the pieces are combined in piece order by a second kernel;
+// no atomics.
+#pragma once
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 
-#include "cuda/features_launch.h"
+#include "cuda/launch.h"
 
 namespace gradstats::gpu {
 namespace {
@@ -22,8 +25,8 @@ constexpr int kCombineThreads = 128;
 // (the grid's y dimension holds at most kMaxGridY blocks).
 template <typename T>
 __global__ void __launch_bounds__(kFeatureThreads)
-    feature_piece_kernel(const T* __restrict__ data, FeatureShape s, int64_t pieces,
-                         FeatureAcc* partials) {
+    gradstats_feature_piece_kernel(const T* __restrict__ data, FeatureShape s, int64_t pieces,
+                                   FeatureAcc* partials) {
   __shared__ FeatureAcc shared[kFeatureThreads];
   const int64_t f = blockIdx.x;
   const int64_t per = feature_slices_per_piece(s);
@@ -48,8 +51,8 @@ __global__ void __launch_bounds__(kFeatureThreads)
   }
 }
 
-__global__ void feature_combine_kernel(const FeatureAcc* __restrict__ partials, int64_t pieces,
-                                       int64_t features, double* out) {
+__global__ void gradstats_feature_combine_kernel(const FeatureAcc* __restrict__ partials,
+                                                 int64_t pieces, int64_t features, double* out) {
   const int64_t f = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x;
   if (f >= features) return;
   FeatureAcc acc = empty_feature_acc();
@@ -62,7 +65,7 @@ void launch_pieces(const void* data, const FeatureShape& s, int64_t pieces, Feat
                    cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(s.features),
                   static_cast<unsigned>(std::min<int64_t>(pieces, kMaxGridY)));
-  feature_piece_kernel<T>
+  gradstats_feature_piece_kernel<T>
       <<<grid, kFeatureThreads, 0, stream>>>(static_cast<const T*>(data), s, pieces, partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -90,8 +93,8 @@ void launch_feature_stats(const void* data, DType dtype, const FeatureShape& sha
   }
   const auto blocks =
       static_cast<unsigned>((shape.features + kCombineThreads - 1) / kCombineThreads);
-  feature_combine_kernel<<<blocks, kCombineThreads, 0, stream>>>(partials, pieces, shape.features,
-                                                                 out);
+  gradstats_feature_combine_kernel<<<blocks, kCombineThreads, 0, stream>>>(partials, pieces,
+                                                                           shape.features, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,11 +1,13 @@
-// CPU kernel of feature_stats: per-feature statistics of one input. The outer dimension is cut into
-// pieces of a fixed size (feature_stats.h), each piece accumulates its own row of FeatureAcc, and
-// the pieces are combined in order: the result is bitwise the same for any number of threads.
+// CPU kernel of feature_stats (registered by ops_cpu.cpp, which includes this): per-feature
+// statistics of one input. The outer dimension is cut into pieces of a fixed size
+// (feature_stats.h), each piece accumulates its own row of FeatureAcc, and the pieces are combined
+// in order: the result is bitwise the same for any number of threads.
+#pragma once
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -93,7 +95,4 @@ at::Tensor feature_stats_cpu(const at::Tensor& input, int64_t dim) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(gradstats, CPU, m) { m.impl("feature_stats", &feature_stats_cpu); }
-
 }  // namespace gradstats::cpu
