@@ -132,13 +132,13 @@ class AdaptiveClip:
         return {**config, **{k: v.detach().clone() for k, v in self._state.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = self._parse_state(state_dict)
+        self._state = self.parse_state(state_dict)
 
     def reset(self) -> None:
         """Forgets the statistics: the next steps warm up again."""
         self._state = self._initial_state()
 
-    def _parse_state(self, state_dict: dict[str, Any]) -> dict[str, Tensor]:
+    def parse_state(self, state_dict: dict[str, Any]) -> dict[str, Tensor]:
         """The state `state_dict` describes, checked against this AdaptiveClip; raises, changing
         nothing, when it does not fit."""
         if not isinstance(state_dict, dict):

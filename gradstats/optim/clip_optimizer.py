@@ -45,15 +45,13 @@ from gradstats._core import (
     nonfinite_report,
 )
 from gradstats.distributed import check_process_group
+from gradstats.optim._checkpoint import STATE_KEY, parse_wrapper_state, wrapper_state
 from gradstats.optim._step import StepMode, fused_step, inner_step, inplace_step
 from gradstats.optim.adaptive import AdaptiveClip
 from gradstats.plan import GradPlan
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-# The one top-level key that ClipGradOptimizer.state_dict() adds to the wrapped optimizer's.
-STATE_KEY = "gradstats_clip"
 
 
 class StepMonitor(Protocol):
@@ -452,20 +450,13 @@ class ClipGradOptimizer(Optimizer):
         logged = run["stats"].to_dict(self._param_names(run["params"]))
         return {**logged, "max_norm": threshold, "skipped": bool(skipped), **out}
 
-    def _wrapper_state(self) -> dict[str, Any]:
-        return {
-            "skipped_steps": self._run["skipped_steps"].detach().clone(),
-            "consecutive_nonfinite": self._run["consecutive"].detach().clone(),
-            "adaptive_clip": None if self.adaptive is None else self.adaptive.state_dict(),
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus one key, STATE_KEY, holding the wrapper's state
         (skipped-step counters, AdaptiveClip statistics). A plain optimizer loads it unchanged."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
-        state_dict[STATE_KEY] = self._wrapper_state()
+        state_dict[STATE_KEY] = wrapper_state(self._run, self.adaptive)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             hooked = post_hook(self, state_dict)
             if hooked is not None:
@@ -482,7 +473,7 @@ class ClipGradOptimizer(Optimizer):
             if hooked is not None:
                 state_dict = dict(hooked)
         own = state_dict.pop(STATE_KEY, None)
-        skipped, consecutive, adaptive = self._parse_wrapper_state(own)
+        skipped, consecutive, adaptive = parse_wrapper_state(own, self.adaptive)
         self.optimizer.load_state_dict(state_dict)
         self._run.update(skipped_steps=skipped, consecutive=consecutive, fused_ready=False)
         if self.adaptive is not None:
@@ -492,26 +483,3 @@ class ClipGradOptimizer(Optimizer):
                 self.adaptive.load_state_dict(adaptive)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _parse_wrapper_state(
-        self, own: dict[str, Any] | None
-    ) -> tuple[Tensor, Tensor, dict[str, Any] | None]:
-        if own is None:
-            zero = torch.zeros((), dtype=torch.int64)
-            return zero, zero.clone(), None
-        if not isinstance(own, dict):
-            raise TypeError(f"state_dict[{STATE_KEY!r}] must be a dict; got {type(own).__name__}")
-        counters = []
-        for key in ("skipped_steps", "consecutive_nonfinite"):
-            if key not in own:
-                raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {key!r}")
-            value = torch.as_tensor(own[key]).detach()
-            if value.numel() != 1 or value.is_floating_point() or value.is_complex():
-                raise ValueError(
-                    f"state_dict[{STATE_KEY!r}][{key!r}] must be one integer; got {own[key]!r}"
-                )
-            counters.append(value.reshape(()).to(torch.int64, copy=True))
-        saved = own.get("adaptive_clip")
-        if saved is not None and self.adaptive is not None:
-            self.adaptive._parse_state(saved)
-        return counters[0], counters[1], saved
