@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -38,6 +39,27 @@ inline std::unique_ptr<DevicePlan> make_device_plan(std::vector<at::Tensor> tens
 #endif
   TORCH_CHECK(tensors[0].is_cpu(), "gradstats: no kernels for tensors on ", tensors[0].device());
   return make_cpu_plan(std::move(tensors));
+}
+
+// The stats and scale_ ops, the same on every device: the shared checks, then the list's plan.
+// cpu/ and cuda/ register them for their dispatch keys.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_op(
+    at::TensorList tensor_list, double norm_type, double max_norm, c10::string_view on_nonfinite,
+    bool wide) {
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
+  const NormSpec spec = parse_norm_type(norm_type);
+  parse_max_norm(max_norm);
+  const Nonfinite policy = parse_nonfinite(on_nonfinite);
+  const StatsOutputs out =
+      make_device_plan(std::move(tensors))->stats(spec, policy, max_norm, wide);
+  return {out.total_norm, out.clip_coef, out.norms, out.counts};
+}
+
+inline void scale_op(at::TensorList tensor_list, const at::Tensor& coef,
+                     const std::optional<at::Tensor>& zero_nonfinite) {
+  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
+  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
+  make_device_plan(std::move(tensors))->scale(coef, counts);
 }
 
 }  // namespace gradstats

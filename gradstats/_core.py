@@ -158,6 +158,15 @@ def check_int(name: str, value: int | None, low: int, *, optional: bool = False)
         raise ValueError(f"{name} must be {allowed} >= {low}; got {value!r}")
 
 
+def clip_arguments(
+    max_norm: float | Tensor, norm_type: float | str, error_if_nonfinite: bool, on_nonfinite: str
+) -> tuple[str, float, float]:
+    """clip_grad_norm_'s arguments, checked: (the policy, p, max_norm). error_if_nonfinite=True
+    makes the policy "error"."""
+    policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
+    return policy, check_norm_type(norm_type), check_max_norm(max_norm)
+
+
 def kernel_policy(on_nonfinite: str) -> str:
     """The kernels' policy for a public one: "error" computes as "propagate", then raises."""
     return "propagate" if on_nonfinite == "error" else on_nonfinite

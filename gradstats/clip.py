@@ -26,7 +26,7 @@ from gradstats._core import (
     as_tensor_list,
     check_max_norm,
     check_norm_type,
-    check_on_nonfinite,
+    clip_arguments,
     clip_coef,
     collect_grads,
     group_by_device_and_dtype,
@@ -67,9 +67,7 @@ def clip_grad_norm_(
     NaN on any rank is seen by all. Not needed for DTensor (FSDP2) or replicated (DDP) gradients.
     """
     del foreach  # one fused launch per device replaces torch's foreach kernels
-    policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
-    p = check_norm_type(norm_type)
-    limit = check_max_norm(max_norm)
+    policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
     if isinstance(parameters, types.GeneratorType):
         parameters = list(parameters)
         if not parameters:

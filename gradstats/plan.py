@@ -30,7 +30,7 @@ from gradstats._core import (
     as_tensor_list,
     check_max_norm,
     check_norm_type,
-    check_on_nonfinite,
+    clip_arguments,
     raise_if_nonfinite,
 )
 from gradstats.clip import clip_grad_norm_
@@ -127,9 +127,7 @@ class GradPlan:
     ) -> Tensor:
         """gradstats.clip_grad_norm_ of the parameters: the statistics and the clip in one native
         call (two with "error", whose raise comes between them)."""
-        policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
-        p = check_norm_type(norm_type)
-        limit = check_max_norm(max_norm)
+        policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
         if self._native_ok(process_group):
             if policy != "error":
                 out = self._native.stats(p, limit, policy, False, True)

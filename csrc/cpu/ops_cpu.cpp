@@ -238,26 +238,6 @@ class CpuPlan final : public DevicePlan {
   Plan plan_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cpu(at::TensorList tensor_list,
-                                                                     double norm_type,
-                                                                     double max_norm,
-                                                                     c10::string_view on_nonfinite,
-                                                                     bool wide) {
-  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
-  const NormSpec spec = parse_norm_type(norm_type);
-  parse_max_norm(max_norm);
-  const Nonfinite policy = parse_nonfinite(on_nonfinite);
-  const StatsOutputs out = CpuPlan(std::move(tensors)).stats(spec, policy, max_norm, wide);
-  return {out.total_norm, out.clip_coef, out.norms, out.counts};
-}
-
-void scale_cpu(at::TensorList tensor_list, const at::Tensor& coef,
-               const std::optional<at::Tensor>& zero_nonfinite) {
-  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
-  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
-  CpuPlan(std::move(tensors)).scale(coef, counts);
-}
-
 }  // namespace
 }  // namespace cpu
 
@@ -266,8 +246,8 @@ std::unique_ptr<DevicePlan> make_cpu_plan(std::vector<at::Tensor> tensors) {
 }
 
 TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
-  m.impl("stats", &cpu::stats_cpu);
-  m.impl("scale_", &cpu::scale_cpu);
+  m.impl("stats", &stats_op);
+  m.impl("scale_", &scale_op);
   m.impl("feature_stats", &cpu::feature_stats_cpu);
 }
 

@@ -195,26 +195,6 @@ class CudaPlan final : public DevicePlan {
   std::vector<std::unique_ptr<LargeTable>> large_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_cuda(at::TensorList tensor_list,
-                                                                      double norm_type,
-                                                                      double max_norm,
-                                                                      c10::string_view on_nonfinite,
-                                                                      bool wide) {
-  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "stats", /*write=*/false);
-  const NormSpec spec = parse_norm_type(norm_type);
-  parse_max_norm(max_norm);
-  const Nonfinite policy = parse_nonfinite(on_nonfinite);
-  const StatsOutputs out = CudaPlan(std::move(tensors)).stats(spec, policy, max_norm, wide);
-  return {out.total_norm, out.clip_coef, out.norms, out.counts};
-}
-
-void scale_cuda(at::TensorList tensor_list, const at::Tensor& coef,
-                const std::optional<at::Tensor>& zero_nonfinite) {
-  std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
-  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
-  CudaPlan(std::move(tensors)).scale(coef, counts);
-}
-
 at::Tensor feature_stats_cuda(const at::Tensor& input, int64_t dim) {
   const FeatureInput in = prepare_feature_input(input, dim);
   const FeatureShape& s = in.shape;
@@ -238,8 +218,8 @@ std::unique_ptr<DevicePlan> make_cuda_plan(std::vector<at::Tensor> tensors) {
 }
 
 TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
-  m.impl("stats", &gpu::stats_cuda);
-  m.impl("scale_", &gpu::scale_cuda);
+  m.impl("stats", &stats_op);
+  m.impl("scale_", &scale_op);
   m.impl("feature_stats", &gpu::feature_stats_cuda);
 }
 
