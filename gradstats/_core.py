@@ -20,10 +20,7 @@ from torch import Tensor
 from gradstats import ops
 
 if dist.is_available():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5 kept DTensor private
-        from torch.distributed._tensor import DTensor
+    from torch.distributed.tensor import DTensor
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 

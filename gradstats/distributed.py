@@ -70,10 +70,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 if dist.is_available():
-    try:
-        from torch.distributed.tensor import DTensor, Replicate
-    except ImportError:  # torch < 2.5 kept DTensor private
-        from torch.distributed._tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate
 
 # The buffer carries the NaN and Inf rows of the counts (adjacent in GradStats.counts); the
 # NaN + Inf row is their sum. A slice, not a list: indexing with a list would copy it to the device.

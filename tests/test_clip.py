@@ -23,8 +23,6 @@ from reference import reference_clipped, reference_stats
 import gradstats
 from gradstats import ops
 
-HAS_GET_TOTAL_NORM = hasattr(torch.nn.utils, "get_total_norm")
-
 
 def make_params(device, dtype, shapes=((300, 200), (17,), (0,), (70000,), (3, 1, 5))):
     params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
@@ -209,9 +207,8 @@ def test_get_total_norm(device, dtype):
     norm = gradstats.get_total_norm(grads, 3.0)
     ref = reference_stats(grads, 3.0)
     assert_close_rel(norm.item(), ref.total_norm, 1e-6, "total norm")
-    if HAS_GET_TOTAL_NORM:
-        theirs = torch.nn.utils.get_total_norm(grads, 3.0).item()
-        assert_close_rel(norm.item(), theirs, TORCH_NORM_RTOL[dtype], "vs torch")
+    theirs = torch.nn.utils.get_total_norm(grads, 3.0).item()
+    assert_close_rel(norm.item(), theirs, TORCH_NORM_RTOL[dtype], "vs torch")
     grads[1][0] = float("nan")
     with pytest.raises(RuntimeError, match="tensor 1"):
         gradstats.get_total_norm(grads, error_if_nonfinite=True)
@@ -226,10 +223,9 @@ def test_clip_grads_with_norm_(device):
     total = gradstats.get_total_norm([p.grad for p in ours])
     gradstats.clip_grads_with_norm_(ours, 0.25, total)
     assert_grads_clipped(ours, originals, 0.25 / (total.item() + 1e-6), torch.float32)
-    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
-        torch.nn.utils.clip_grads_with_norm_(theirs, 0.25, total)
-        for p, q in zip(ours, theirs):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.25, total)
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

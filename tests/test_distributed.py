@@ -32,13 +32,9 @@ if not dist.is_available():
     pytest.skip("torch was built without torch.distributed", allow_module_level=True)
 
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor import distribute_tensor as distribute
-
-try:
-    from torch.distributed.fsdp import fully_shard
-except ImportError:  # FSDP2 is public from torch 2.6
-    fully_shard = None
 
 LOOPBACK = "127.0.0.1"
 WORLD_SIZES = (2, 4)
@@ -660,7 +656,6 @@ def unsharded_training() -> dict:
     return train(mlp(), lambda t: t)
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.6")
 def test_fsdp2_training_matches_one_process(ranks, unsharded_training):
     expected = unsharded_training
     assert int(expected["skipped"]) == 1  # the NaN step
@@ -687,7 +682,6 @@ def test_comparisons_can_fail(ranks):
         assert_identical([coef, torch.nextafter(coef, torch.zeros_like(coef))], "coef")
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.6")
 def test_fsdp2_example_runs_under_torchrun():
     """examples/fsdp2_train.py as the README runs it: torchrun, 2 CPU processes, gloo."""
     root = Path(__file__).resolve().parents[1]
