@@ -204,6 +204,19 @@ def test_targets_script_reports_holds_and_misses(tmp_path, capsys, monkeypatch):
     assert "not measured" in table  # the clip targets have no rows here
 
 
+def test_targets_hold_the_optimizer_to_torch_on_every_preset(tmp_path, capsys, monkeypatch):
+    targets = load_script("targets", monkeypatch)
+    rows = [
+        bench_row("gpt2-small", "float32", "adamw-step", 1.16, 1.0),
+        bench_row("many-tiny", "bfloat16", "adamw-step", 0.96, 0.0),
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"header": {}, "rows": rows}))
+    assert targets.main([str(path), "--strict"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "ClipGradOptimizer step" in x)
+    assert "| 2 | 0.96x |" in line and line.endswith("| **no** |")
+
+
 def test_readme_table_updates_and_checks_the_marked_block(tmp_path, monkeypatch):
     readme_table = load_script("readme_table", monkeypatch)
     out = tmp_path / "cpu.json"
