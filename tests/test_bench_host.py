@@ -138,6 +138,14 @@ def test_readme_block_renders_the_host_table_and_the_planned_columns(tmp_path, m
     assert "10,000 x 1 float32 host overhead (clip that clips) (50%)" in left_out
 
 
+def test_a_run_of_busy_host_rows_prints_their_empty_table_and_no_other():
+    rows = [_host_row(100, "clip", 10.0, busy=True, other_cpu_share=0.6)]
+    text = report.markdown({}, rows)
+    assert "| tensors | case |" in text and "| 100 |" not in text
+    assert "| preset | dtype |" not in text
+    assert "Left out: 1 row" in text
+
+
 @pytest.mark.parametrize(("planned_us", "holds"), [(BUDGET_US - 100.0, "yes"), (400.0, "**no**")])
 def test_targets_check_the_planned_budget(tmp_path, capsys, monkeypatch, planned_us, holds):
     targets = load_script("targets", monkeypatch)

@@ -298,9 +298,11 @@ def markdown(header: Header, rows: list[Row]) -> str:
     results, busy = published(header, rows)
     bandwidth = [row for row in results if not is_host(row)]
     hosts = [row for row in results if is_host(row)]
-    if bandwidth or not hosts:
+    # A kind of row the run measured gets its table even when every row of it was busy (the
+    # "Left out" line then says why it is empty); a kind it did not measure gets none.
+    if not rows or not all(map(is_host, rows)):
         lines += ["", table(bandwidth)]
-    if hosts:
+    if any(map(is_host, rows)):
         lines += ["", method.get("host_summary", HOST_METHOD), "", host_table(hosts)]
     if busy:
         lines += ["", busy_line(header, busy)]
