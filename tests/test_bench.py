@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,26 +11,15 @@ from typing import ClassVar
 
 import pytest
 import torch
+from bench_helpers import QUICK, ROOT, bench_row, load_script
 from helpers import child_env
 
 import gradstats
 from gradstats import bench
 from gradstats.bench import env, plot, report, runner
-from gradstats.bench.cases import SCENARIOS
+from gradstats.bench.cases import BANDWIDTH_SCENARIOS
 from gradstats.bench.presets import PRESET_NAMES, make_preset
 
-ROOT = Path(__file__).resolve().parents[1]
-# --busy-share 1: a smoke run on a shared machine keeps its rows however busy the machine is.
-QUICK = [
-    "--quick",
-    "--device",
-    "cpu",
-    "--preset",
-    "many-tiny",
-    "--no-progress",
-    "--busy-share",
-    "1",
-]
 REQUIRED = (
     "preset",
     "dtype",
@@ -107,7 +95,8 @@ def test_info_command():
 
 def test_bench_quick_writes_json_with_the_row_fields(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main([*QUICK, "--dtype", "float32", "bfloat16", "--json", str(out)]) == 0
+    clips = ["--scenario", "stats", "clip-noop", "clip"]
+    assert bench.main([*QUICK, "--dtype", "float32", "bfloat16", *clips, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| preset | dtype | scenario |" in printed
     assert f"wrote results: {out}" in printed
@@ -125,6 +114,10 @@ def test_bench_quick_writes_json_with_the_row_fields(tmp_path, capsys):
         assert row["gradstats_ms"] > 0 and row["torch_ms"] > 0 and row["floor_gbps"] > 0
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["gradstats_ms"])
         assert row["gbps"] > 0 and row["floor_fraction"] > 0
+        # GradPlan timed next to the plain call, planned once for every call.
+        assert row["planned_ms"] > 0
+        assert row["planned_speedup"] == pytest.approx(row["torch_ms"] / row["planned_ms"])
+    assert "| planned ms | planned speedup |" in printed
     clip = next(r for r in rows if r["scenario"] == "clip")
     stats = next(r for r in rows if r["scenario"] == "stats" and r["dtype"] == clip["dtype"])
     assert clip["bytes"] == 3 * stats["bytes"]  # clipping reads twice and writes once
@@ -179,7 +172,7 @@ def test_adamw_step_scenario(tmp_path):
 def test_scenarios_run_in_any_order(tmp_path):
     """The gradient pool is built again after adamw-step freed it (the order the user gave)."""
     out = tmp_path / "bench.json"
-    order = list(reversed(SCENARIOS))
+    order = list(reversed(BANDWIDTH_SCENARIOS))
     args = [*QUICK, "--dtype", "float32", "--scenario", *order, "--json", str(out)]
     assert bench.main(args) == 0
     assert [r["scenario"] for r in json.loads(out.read_text())["rows"]] == order
@@ -196,32 +189,11 @@ def test_unknown_preset_is_refused():
         bench.main(["--preset", "gpt5", "--device", "cpu"])
 
 
-def _load_script(name: str, monkeypatch):
-    """Imports benchmarks/NAME.py (a script folder, not a package), registered for dataclasses."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _row(preset: str, dtype: str, scenario: str, speedup: float, fraction: float) -> dict:
-    return {
-        "preset": preset,
-        "dtype": dtype,
-        "scenario": scenario,
-        "device": "cpu",
-        "speedup": speedup,
-        "floor_fraction": fraction,
-        "bytes": 1,
-    }
-
-
 def test_targets_script_reports_holds_and_misses(tmp_path, capsys, monkeypatch):
-    targets = _load_script("targets", monkeypatch)
+    targets = load_script("targets", monkeypatch)
     rows = [
-        _row("gpt2-small", "float32", "stats", 2.0, 0.9),
-        _row("gpt2-small", "bfloat16", "stats", 1.1, 0.5),
+        bench_row("gpt2-small", "float32", "stats", 2.0, 0.9),
+        bench_row("gpt2-small", "bfloat16", "stats", 1.1, 0.5),
     ]
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"header": {}, "rows": rows}))
@@ -232,8 +204,21 @@ def test_targets_script_reports_holds_and_misses(tmp_path, capsys, monkeypatch):
     assert "not measured" in table  # the clip targets have no rows here
 
 
+def test_targets_hold_the_optimizer_to_torch_on_every_preset(tmp_path, capsys, monkeypatch):
+    targets = load_script("targets", monkeypatch)
+    rows = [
+        bench_row("gpt2-small", "float32", "adamw-step", 1.16, 1.0),
+        bench_row("many-tiny", "bfloat16", "adamw-step", 0.96, 0.0),
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"header": {}, "rows": rows}))
+    assert targets.main([str(path), "--strict"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "ClipGradOptimizer step" in x)
+    assert "| 2 | 0.96x |" in line and line.endswith("| **no** |")
+
+
 def test_readme_table_updates_and_checks_the_marked_block(tmp_path, monkeypatch):
-    readme_table = _load_script("readme_table", monkeypatch)
+    readme_table = load_script("readme_table", monkeypatch)
     out = tmp_path / "cpu.json"
     assert (
         bench.main([*QUICK, "--dtype", "float32", "--scenario", "stats", "--json", str(out)]) == 0
@@ -254,15 +239,15 @@ def _busy_results(tmp_path: Path) -> Path:
     """A saved run with a busy row (a slowdown that is another process's work) and a negative
     AdamW wrapper cost (noise); nothing is timed."""
     rows = [
-        {**_row("gpt2-small", "float32", "stats", 1.4, 0.9), "other_cpu_share": 0.01},
-        {**_row("many-small", "float32", "clip-noop", 12.0, 0.2), "busy": False},
+        {**bench_row("gpt2-small", "float32", "stats", 1.4, 0.9), "other_cpu_share": 0.01},
+        {**bench_row("many-small", "float32", "clip-noop", 12.0, 0.2), "busy": False},
         {
-            **_row("many-small", "float32", "clip", 0.13, 0.01),
+            **bench_row("many-small", "float32", "clip", 0.13, 0.01),
             "other_cpu_share": 0.4,
             "busy": True,
         },
         {
-            **_row("gpt2-small", "float32", "adamw-step", 1.1, 0.8),
+            **bench_row("gpt2-small", "float32", "adamw-step", 1.1, 0.8),
             "device": "cuda",
             "overhead_reads": -0.25,
             "adamw_ms": 1.0,
@@ -298,7 +283,7 @@ def test_rows_without_the_busy_flag_are_judged_by_their_share():
 
 
 def test_readme_table_leaves_busy_rows_out(tmp_path, monkeypatch):
-    readme_table = _load_script("readme_table", monkeypatch)
+    readme_table = load_script("readme_table", monkeypatch)
     block = readme_table.block(_busy_results(tmp_path))
     assert "| many-small | float32 | clip, nothing to clip |" in block
     assert "| many-small | float32 | clip that clips |" not in block
@@ -306,7 +291,7 @@ def test_readme_table_leaves_busy_rows_out(tmp_path, monkeypatch):
 
 
 def test_targets_leave_busy_rows_and_noise_out_of_the_claims(tmp_path, capsys, monkeypatch):
-    targets = _load_script("targets", monkeypatch)
+    targets = load_script("targets", monkeypatch)
     assert targets.main([str(_busy_results(tmp_path)), "--strict"]) == 1  # float32 stats misses
     out = capsys.readouterr().out
     assert "| many tensors: clip_grad_norm_ >= 10x | 1 | 12.00x | many-small float32 " in out
@@ -351,7 +336,7 @@ def test_busy_rows_are_timed_again_then_marked(tmp_path, monkeypatch, shares, at
 def test_plot_axes_cover_every_bar_and_the_legend_covers_none():
     pyplot = pytest.importorskip("matplotlib.pyplot")
     rows = [
-        {**_row("gpt2-small", "float32", scenario, speedup, fraction), "busy": False}
+        {**bench_row("gpt2-small", "float32", scenario, speedup, fraction), "busy": False}
         for scenario, speedup, fraction in (
             ("stats", 1.4, 0.9),
             ("clip-noop", 40.0, 0.95),
@@ -359,7 +344,7 @@ def test_plot_axes_cover_every_bar_and_the_legend_covers_none():
             ("adamw-step", 1.1, 1.1),
         )
     ]
-    rows.append({**_row("many-small", "float32", "clip", 500.0, 9.0), "busy": True})
+    rows.append({**bench_row("many-small", "float32", "clip", 500.0, 9.0), "busy": True})
     fig = plot.figure({}, rows)
     try:
         top, bottom = fig.axes
@@ -371,6 +356,6 @@ def test_plot_axes_cover_every_bar_and_the_legend_covers_none():
         (legend,) = fig.legends
         box = legend.get_window_extent()
         assert not any(box.overlaps(ax.get_window_extent()) for ax in (top, bottom))
-        assert len(legend.get_texts()) == len(SCENARIOS)  # one entry each, not one per panel
+        assert len(legend.get_texts()) == len(BANDWIDTH_SCENARIOS)  # one each, not one per panel
     finally:
         pyplot.close(fig)

@@ -5,6 +5,7 @@ Uses only gradstats' public API (gradstats.__all__), as a user's script would.
 - cli: the command line (arguments, configuration, printing the results)
 - runner: the main loop (one gradient set per preset and dtype, one timed row per scenario)
 - cases: the inputs and the sides each scenario times
+- host: the host-overhead scenario (1-element gradients, warm caches, the planned call's budget)
 - presets: the parameter shapes of real models
 - timing: interleaved timing of the sides
 - report: the JSON file, the markdown table and the progress line

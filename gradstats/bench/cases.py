@@ -7,6 +7,9 @@ Scenarios (gradstats against torch, on the same data):
 - clip: clip_grad_norm_ with max_norm below the norm (every gradient is scaled);
 - adamw-step: gradstats.ClipGradOptimizer over a fused AdamW against clip_grad_norm_ followed by
   the same fused AdamW; the bare AdamW step is timed too.
+stats, clip-noop and clip also time gradstats.GradPlan (the "planned" side) next to the plain call;
+ClipGradOptimizer plans its parameters itself. The host-overhead scenario (gradstats.bench.host)
+times the host work alone, on 1-element gradients.
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ import gradstats
 from gradstats.bench.presets import Preset
 from gradstats.bench.timing import Pool, Side
 
-SCENARIOS = ("stats", "clip-noop", "clip", "adamw-step")
+# The scenarios timed on each preset's gradients (bytes that must move, bandwidth floor), and the
+# one timed once per run on 1-element gradients (host work only).
+BANDWIDTH_SCENARIOS = ("stats", "clip-noop", "clip", "adamw-step")
+HOST_OVERHEAD = "host-overhead"
+SCENARIOS = (*BANDWIDTH_SCENARIOS, HOST_OVERHEAD)
 SCENARIO_TITLES = {
     "stats": "stats vs get_total_norm",
     "clip-noop": "clip, nothing to clip",
     "clip": "clip that clips",
     "adamw-step": "clip + fused AdamW step",
+    HOST_OVERHEAD: "host overhead",
 }
+# The sides that are gradstats: their norm must be right before anything is timed (the others are
+# baselines, whose errors are recorded).
+OURS = ("gradstats", "planned")
 
 # Gradients are N(0, GRAD_STD): a typical magnitude, far from float16 overflow and underflow.
 GRAD_STD = 1e-2
@@ -113,7 +124,8 @@ def as_params(grads: list[Tensor]) -> list[torch.nn.Parameter]:
 
 
 class GradPool:
-    """A pristine gradient set and rotating copies of it, with parameters that carry each copy."""
+    """A pristine gradient set and rotating copies of it, with parameters that carry each copy and
+    a GradPlan of each copy's parameters."""
 
     def __init__(
         self, layout: FlatSet, pristine: Tensor, flush_bytes: int, evict: Callable[[], object]
@@ -124,6 +136,7 @@ class GradPool:
         self.flats = [pristine.clone() for _ in range(slots)]
         self.grads = [layout.views(flat) for flat in self.flats]
         self.params = [as_params(grads) for grads in self.grads]
+        self.plans = [gradstats.GradPlan(params) for params in self.params]
         self.pool = make_pool(slots, layout.nbytes, flush_bytes, evict)
 
     def restore(self, slot: int) -> None:
@@ -131,6 +144,10 @@ class GradPool:
 
     def changed(self, slot: int) -> bool:
         return not torch.equal(self.flats[slot], self.pristine)
+
+    def builds(self) -> int:
+        """The most times one of the plans was built: 1 when every planned call used its plan."""
+        return max(plan.builds for plan in self.plans)
 
 
 @dataclass
@@ -163,46 +180,75 @@ def reference_norm(views: list[Tensor]) -> float:
     return math.sqrt(sum(float(v.double().square().sum()) for v in views))
 
 
-def norm_error(what: str, side: str, norm: Tensor, ctx: Context) -> float:
-    """The norm's error relative to the float64 norm; raises when gradstats' is off."""
+def norm_error(what: str, side: str, norm: Tensor, reference: float) -> float:
+    """The norm's error relative to the float64 norm; raises when gradstats' (plain or planned) is
+    off."""
     value = float(norm)
-    error = abs(value - ctx.norm) / ctx.norm if ctx.norm else abs(value)
-    if side == "gradstats" and not error <= OURS_RTOL:
+    error = abs(value - reference) / reference if reference else abs(value)
+    if side in OURS and not error <= OURS_RTOL:
         raise BenchError(
-            f"{what}: gradstats gives norm {value!r} where the float64 norm is {ctx.norm!r} "
+            f"{what}: {side} gives norm {value!r} where the float64 norm is {reference!r} "
             f"(relative error {error:.3g} > {OURS_RTOL:g}); not timing a wrong result"
         )
     return error
 
 
+def _differs(what: str, detail: str) -> BenchError:
+    return BenchError(
+        f"{what}: GradPlan's result differs from the plain call's ({detail}), where it must be the"
+        " same bitwise; not timing a wrong result"
+    )
+
+
+def check_planned_stats(what: str, plain: gradstats.GradStats, planned: gradstats.GradStats):
+    """The planned statistics must be the plain call's, bitwise."""
+    for name in ("total_norm", "norms", "counts"):
+        ours, theirs = getattr(plain, name), getattr(planned, name)
+        if not torch.equal(ours, theirs):
+            raise _differs(what, f"{name} {ours.tolist()} and {theirs.tolist()}"[:200])
+
+
 def stats_case(ctx: Context, grads: GradPool) -> Case:
     foreach = ctx.foreach
     ours = Side("gradstats", lambda s: gradstats.grad_stats(grads.grads[s]), grads.pool)
+    planned = Side("planned", lambda s: grads.plans[s].grad_stats(), grads.pool)
     theirs = Side(
         "torch",
         lambda s: torch.nn.utils.get_total_norm(grads.grads[s], foreach=foreach),
         grads.pool,
     )
-    norm_error("stats", "gradstats", gradstats.grad_stats(grads.grads[0]).total_norm, ctx)
-    errors = {"torch": norm_error("stats", "torch", theirs.run(0), ctx)}  # type: ignore[arg-type]
-    sides = [ours, theirs, ctx.floor]
+    plain_stats, planned_stats = ours.run(0), planned.run(0)
+    for side, st in (("gradstats", plain_stats), ("planned", planned_stats)):
+        norm_error("stats", side, st.total_norm, ctx.norm)  # type: ignore[attr-defined]
+    check_planned_stats("stats", plain_stats, planned_stats)  # type: ignore[arg-type]
+    errors = {"torch": norm_error("stats", "torch", theirs.run(0), ctx.norm)}  # type: ignore[arg-type]
+    sides = [ours, planned, theirs, ctx.floor]
     if ctx.apex is not None:
         apex = ctx.apex
-        errors["apex"] = norm_error("stats", "apex", apex(grads.grads[0])[0], ctx)  # type: ignore[index]
+        errors["apex"] = norm_error("stats", "apex", apex(grads.grads[0])[0], ctx.norm)  # type: ignore[index]
         sides.append(Side("apex", lambda s: apex(grads.grads[s]), grads.pool))
     return Case("stats", sides, ctx.layout.nbytes, ctx.layout.nbytes, errors)
 
 
-def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
-    scenario = "clip" if clips else "clip-noop"
-    max_norm = ctx.norm * (CLIP_MULTIPLE if clips else NOCLIP_MULTIPLE)
-    foreach = ctx.foreach
+def max_norm_of(norm: float, clips: bool) -> float:
+    """max_norm for gradients of this norm: below it when the call must clip, above it when not."""
+    return norm * (CLIP_MULTIPLE if clips else NOCLIP_MULTIPLE)
+
+
+def clip_sides(
+    grads: GradPool, max_norm: float, clips: bool, foreach: bool | None
+) -> tuple[Side, Side, Side]:
+    """gradstats.clip_grad_norm_ (plain), GradPlan.clip_grad_norm_ (planned) and torch's, each
+    restoring the gradients it clipped (untimed)."""
     restore = grads.restore if clips else None
-    ours = Side(
+    plain = Side(
         "gradstats",
         lambda s: gradstats.clip_grad_norm_(grads.params[s], max_norm),
         grads.pool,
         restore,
+    )
+    planned = Side(
+        "planned", lambda s: grads.plans[s].clip_grad_norm_(max_norm), grads.pool, restore
     )
     theirs = Side(
         "torch",
@@ -210,19 +256,50 @@ def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
         grads.pool,
         restore,
     )
-    errors = {}
-    for side in (ours, theirs):
-        errors[side.name] = norm_error(scenario, side.name, side.run(0), ctx)  # type: ignore[arg-type]
-        if grads.changed(0) != clips:
+    return plain, planned, theirs
+
+
+def check_clip_sides(
+    scenario: str, grads: GradPool, sides: tuple[Side, Side, Side], clips: bool, reference: float
+) -> dict[str, float]:
+    """Runs each side once, untimed, and stops the benchmark on a wrong result: a gradstats norm
+    off the float64 norm, a planned result (norm or clipped gradients) not bitwise the plain one,
+    or a side that clips when it should not (or does not when it should). Returns the baseline's
+    norm error."""
+    plain, planned, theirs = sides
+
+    def run(side: Side, slot: int) -> Tensor:
+        norm = side.run(slot)
+        norm_error(scenario, side.name, norm, reference)  # type: ignore[arg-type]
+        if grads.changed(slot) != clips:
             raise BenchError(
-                f"{scenario}: {side.name} {'left' if clips else 'changed'} the gradients "
-                f"with max_norm {max_norm:.4g} and norm {ctx.norm:.4g}; not timing this"
+                f"{scenario}: {side.name} {'left' if clips else 'changed'} the gradients with "
+                f"max_norm {max_norm_of(reference, clips):.4g} and norm {reference:.4g}; not "
+                "timing this"
             )
-        grads.restore(0)
+        return norm  # type: ignore[return-value]
+
+    # The plain and the planned call clip two copies of the same gradients (every pool has at
+    # least two), compared afterwards.
+    plain_norm, planned_norm = run(plain, 0), run(planned, 1)
+    if not torch.equal(plain_norm, planned_norm):
+        raise _differs(scenario, f"norm {plain_norm} and {planned_norm}")
+    if not torch.equal(grads.flats[0], grads.flats[1]):
+        raise _differs(scenario, "clipped gradients")
+    grads.restore(1)
+    grads.restore(0)
+    error = norm_error(scenario, theirs.name, run(theirs, 0), reference)
+    grads.restore(0)
+    return {theirs.name: error}
+
+
+def clip_case(ctx: Context, grads: GradPool, clips: bool) -> Case:
+    scenario = "clip" if clips else "clip-noop"
+    sides = clip_sides(grads, max_norm_of(ctx.norm, clips), clips, ctx.foreach)
+    errors = check_clip_sides(scenario, grads, sides, clips, ctx.norm)
     # Bytes that must move: one read for the norm; one more read and a write only when clipping.
     read = ctx.layout.nbytes
-    del errors["gradstats"]
-    return Case(scenario, [ours, theirs, ctx.floor], read * (3 if clips else 1), read, errors)
+    return Case(scenario, [*sides, ctx.floor], read * (3 if clips else 1), read, errors)
 
 
 @dataclass
@@ -249,7 +326,7 @@ def optimizer_slots(ctx: Context, count: int, generator: torch.Generator) -> lis
 
 
 def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
-    max_norm = ctx.norm * CLIP_MULTIPLE
+    max_norm = max_norm_of(ctx.norm, clips=True)
     foreach = ctx.foreach
     # Two pools (gradstats; torch and the bare step) share the flushing between them.
     pair_bytes = 2 * ADAMW_TENSORS_PER_GRAD * ctx.layout.nbytes

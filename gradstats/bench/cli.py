@@ -2,8 +2,9 @@
 
 Each row times gradstats and torch on the same random gradients (a preset's real parameter shapes,
 one dtype, one scenario), interleaved in one process, next to the machine's bandwidth floor measured
-in the same loop. See gradstats.bench.cases for the scenarios and gradstats.bench.timing for the
-method.
+in the same loop; gradstats.GradPlan is timed next to the plain calls. The host-overhead scenario
+times the host's work alone, on 1-element gradients. See gradstats.bench.cases and
+gradstats.bench.host for the scenarios and gradstats.bench.timing for the method.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from gradstats.bench import env
 from gradstats.bench.cases import SCENARIOS, BenchError
+from gradstats.bench.host import HOST_COUNTS, QUICK_HOST_COUNTS
 from gradstats.bench.plot import PlotUnavailable, plot
 from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
 from gradstats.bench.report import BUSY_OTHER_SHARE, Row, markdown, read_json
@@ -138,6 +140,7 @@ def make_config(args: argparse.Namespace) -> Config:
         progress=not args.no_progress,
         json_path=args.json,
         busy_share=args.busy_share,
+        host_counts=QUICK_HOST_COUNTS if args.quick else HOST_COUNTS,
     )
 
 

@@ -1,7 +1,8 @@
 """The benchmark's plot (--plot): speedup over torch and fraction of the bandwidth floor.
 
-Busy rows are left out, as from the table. The legend sits under the panels, outside them, so that
-it never covers a bar, and each y axis reaches past its largest bar and that bar's label.
+Busy rows are left out, as from the table, and so are the host-overhead rows (no bandwidth). The
+legend sits under the panels, outside them, so that it never covers a bar, and each y axis reaches
+past its largest bar and that bar's label.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gradstats.bench.cases import SCENARIO_TITLES, SCENARIOS
-from gradstats.bench.report import PERCENT, Header, Row, machine_line, published
+from gradstats.bench.cases import BANDWIDTH_SCENARIOS, SCENARIO_TITLES
+from gradstats.bench.report import PERCENT, Header, Row, is_host, machine_line, published
 
 PLOT_WIDTH_PER_GROUP_IN = 0.9
 PLOT_MIN_WIDTH_IN = 8.0
@@ -64,8 +65,10 @@ def figure(header: Header, rows: list[Row]) -> Any:
     from matplotlib.ticker import FuncFormatter
 
     rows, busy = published(header, rows)
+    rows = [row for row in rows if not is_host(row)]
+    busy = [row for row in busy if not is_host(row)]
     groups = list(dict.fromkeys(_group(row) for row in rows))
-    scenarios = [s for s in SCENARIOS if any(row["scenario"] == s for row in rows)]
+    scenarios = [s for s in BANDWIDTH_SCENARIOS if any(row["scenario"] == s for row in rows)]
     width = BAR_GROUP_WIDTH / max(len(scenarios), 1)
     size = (max(PLOT_MIN_WIDTH_IN, PLOT_WIDTH_PER_GROUP_IN * len(groups)), PLOT_HEIGHT_IN)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=size, sharex=True, layout="constrained")

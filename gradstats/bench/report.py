@@ -2,7 +2,9 @@
 
 JSON layout: {"schema": 1, "header": {...machine, versions, method, notes...}, "rows": [...]},
 one row per (preset, dtype, scenario) with at least preset, dtype, scenario, device, gradstats_ms,
-torch_ms, speedup, gbps and floor_fraction.
+torch_ms, speedup, gbps and floor_fraction; and one row per (tensors, variant) of the host-overhead
+scenario, with microseconds instead (torch_us, gradstats_us, planned_us, ...). The markdown gives
+each kind its own table.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradstats.bench.cases import OURS_RTOL, SCENARIO_TITLES
+from gradstats.bench.cases import HOST_OVERHEAD, OURS_RTOL, SCENARIO_TITLES
+from gradstats.bench.host import HOST_SIDES
+from gradstats.bench.host import METHOD as HOST_METHOD
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -87,6 +91,20 @@ def accuracy_notes(rows: list[Row]) -> list[str]:
     ]
 
 
+def is_host(row: Row) -> bool:
+    """Whether the row is a host-overhead row (microseconds, no bandwidth)."""
+    return row["scenario"] == HOST_OVERHEAD
+
+
+def row_label(row: Row) -> str:
+    """preset, dtype and scenario in words (and, for host rows, whether the call clipped)."""
+    title = SCENARIO_TITLES.get(row["scenario"], row["scenario"])
+    variant = row.get("variant")
+    if variant:
+        title += f" ({SCENARIO_TITLES.get(variant, variant)})"
+    return f"{row['preset']} {row['dtype']} {title}"
+
+
 def busy_share(header: Header) -> float:
     """The share of the CPUs other processes could use before a row counted as busy."""
     return header.get("method", {}).get("busy_share", BUSY_OTHER_SHARE)
@@ -113,9 +131,7 @@ def busy_line(header: Header, busy: list[Row]) -> str:
     retries = method.get("busy_retries")
     tries = f", still after {retries} re-measurements" if retries else ""
     names = ", ".join(
-        f"{row['preset']} {row['dtype']} {SCENARIO_TITLES.get(row['scenario'], row['scenario'])}"
-        f" ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)"
-        for row in busy
+        f"{row_label(row)} ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)" for row in busy
     )
     cpus = header.get("machine", {}).get("cpu_threads")
     of_cpus = f"the {cpus} CPUs" if cpus else "the CPUs"
@@ -174,6 +190,14 @@ def _fmt_ms(value: float) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < PERCENT else f"{value:.0f}"
 
 
+def _fmt_us(value: float) -> str:
+    return f"{value:.1f}" if value < PERCENT else f"{value:.0f}"
+
+
+def _fmt_speedup(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
 def _cost(reads: float) -> str:
     """A cost in reads of the gradients; below zero it is timing noise, never a number."""
     return NOISE if reads < 0 else f"{reads:.2f}"
@@ -186,11 +210,13 @@ def _has(rows: list[Row], key: str) -> bool:
 def table(rows: list[Row]) -> str:
     """The markdown table of the rows (columns for syncs, AdamW and apex only where measured)."""
     syncs = _has(rows, "gradstats_syncs")
+    planned = _has(rows, "planned_ms")
     adamw = _has(rows, "adamw_ms")
     apex = _has(rows, "apex_ms")
-    head = [
-        "preset", "dtype", "scenario", "gradstats ms", "torch ms", "speedup", "GB/s", "of floor"
-    ]  # fmt: skip
+    head = ["preset", "dtype", "scenario", "gradstats ms", "torch ms", "speedup"]
+    if planned:
+        head += ["planned ms", "planned speedup"]
+    head += ["GB/s", "of floor"]
     if syncs:
         head.append("syncs (ours/torch)")
     if adamw:
@@ -206,9 +232,14 @@ def table(rows: list[Row]) -> str:
             _fmt_ms(row["gradstats_ms"]),
             _fmt_ms(row["torch_ms"]),
             f"{row['speedup']:.2f}x",
-            f"{row['gbps']:.1f}",
-            f"{row['floor_fraction'] * PERCENT:.0f}%",
         ]
+        if planned:
+            has = row.get("planned_ms") is not None
+            cells += [
+                _fmt_ms(row["planned_ms"]) if has else "",
+                _fmt_speedup(row.get("planned_speedup")),
+            ]
+        cells += [f"{row['gbps']:.1f}", f"{row['floor_fraction'] * PERCENT:.0f}%"]
         if syncs:
             cells.append(f"{row.get('gradstats_syncs', '-')}/{row.get('torch_syncs', '-')}")
         if adamw:
@@ -227,22 +258,55 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def host_table(rows: list[Row]) -> str:
+    """The markdown table of the host-overhead rows: microseconds per call and nanoseconds per
+    tensor for each side, torch's time over gradstats' (plain, planned), the planned budget."""
+    head = [
+        "tensors", "case", *(f"{side} us" for side in HOST_SIDES),
+        *(f"{side} ns/tensor" for side in HOST_SIDES),
+        "speedup", "planned speedup", "planned budget us", "within budget",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            f"{row['tensors']:,}",
+            SCENARIO_TITLES.get(row["variant"], row["variant"]),
+            *(_fmt_us(row[f"{side}_us"]) for side in HOST_SIDES),
+            *(f"{row[f'{side}_ns_per_tensor']:.0f}" for side in HOST_SIDES),
+            _fmt_speedup(row["speedup"]),
+            _fmt_speedup(row["planned_speedup"]),
+            f"{row['budget_us']:.0f}",
+            "yes" if row["within_budget"] else "**no**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(header: Header, rows: list[Row]) -> str:
-    """Header lines (machine, versions, method), the table, then the notes."""
+    """Header lines (machine, versions, method), the table, the host-overhead table, then the
+    notes."""
     device = header.get("device", rows[0]["device"] if rows else "?")
     date = f" ({header['date']})" if "date" in header else ""
     lines = [f"**gradstats bench on {device}**{date}: {machine_line(header)}"]
     versions = versions_line(header)
     if versions:
         lines += ["", f"Versions: {versions}"]
-    summary = header.get("method", {}).get("summary")
+    method = header.get("method", {})
+    summary = method.get("summary")
     if summary:
         lines += ["", f"Method: {summary}"]
     results, busy = published(header, rows)
-    lines += ["", table(results)]
+    bandwidth = [row for row in results if not is_host(row)]
+    hosts = [row for row in results if is_host(row)]
+    # A kind of row the run measured gets its table even when every row of it was busy (the
+    # "Left out" line then says why it is empty); a kind it did not measure gets none.
+    if not rows or not all(map(is_host, rows)):
+        lines += ["", table(bandwidth)]
+    if any(map(is_host, rows)):
+        lines += ["", method.get("host_summary", HOST_METHOD), "", host_table(hosts)]
     if busy:
         lines += ["", busy_line(header, busy)]
-    if any((row.get("overhead_reads") or 0.0) < 0 for row in results):
+    if any((row.get("overhead_reads") or 0.0) < 0 for row in bandwidth):
         lines += ["", NOISE_NOTE]
     notes = header.get("notes", [])
     if notes:

@@ -1,7 +1,8 @@
 """The benchmark's main loop: one gradient set per (preset, dtype), one timed row per scenario.
 
 Each row times gradstats and torch on the same random gradients, interleaved in one process, next to
-the machine's bandwidth floor measured in the same loop (see gradstats.bench.timing).
+the machine's bandwidth floor measured in the same loop (see gradstats.bench.timing). The
+host-overhead rows (gradstats.bench.host) come first, once per run: they need no preset.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradstats.bench import env
+from gradstats.bench import env, host
 from gradstats.bench.cases import (
     ADAMW_TENSORS_PER_GRAD,
+    HOST_OVERHEAD,
     MAX_SLOTS,
     Case,
     Context,
@@ -33,7 +36,7 @@ from gradstats.bench.cases import (
 )
 from gradstats.bench.presets import LLAMA_LAYERS, Preset, make_preset
 from gradstats.bench.report import MIB, Progress, Row, accuracy_notes, is_busy, write_json
-from gradstats.bench.timing import Timer, Timings, count_syncs, measure
+from gradstats.bench.timing import Side, Timer, Timings, count_syncs, measure
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_REPEATS = 7
@@ -73,6 +76,16 @@ class Config:
     progress: bool
     json_path: Path | None
     busy_share: float  # other processes' share of the CPUs above which a row counts as busy
+    host_counts: tuple[int, ...] = host.HOST_COUNTS  # gradient counts of the host-overhead rows
+
+    @property
+    def bandwidth_scenarios(self) -> list[str]:
+        """The scenarios timed on each preset's gradients (all but host-overhead)."""
+        return [s for s in self.scenarios if s != HOST_OVERHEAD]
+
+    @property
+    def host_rows(self) -> int:
+        return len(self.host_counts) * len(host.VARIANTS) if HOST_OVERHEAD in self.scenarios else 0
 
 
 class Runner:
@@ -95,7 +108,7 @@ class Runner:
         self.apex = apex_l2norm(self.device)
         self.notes: list[str] = []
         self.rows: list[Row] = []
-        self.repeats_used: set[int] = set()
+        self.repeats_used: set[int] = set()  # by the bandwidth rows (the host rows say their own)
 
     def header(self) -> dict[str, Any]:
         c = self.config
@@ -117,8 +130,16 @@ class Runner:
             "move (one read of the gradients for stats and for nothing to clip, three passes when"
             " clipping, plus the AdamW step's 4 reads and 3 writes) over the gradstats time."
         )
+        host_summary = host.METHOD
         if c.quick:
             summary += " QUICK smoke run: caches not flushed, numbers not meaningful."
+            host_summary += " QUICK smoke run: numbers not meaningful."
+        method: dict[str, Any] = {}
+        if c.bandwidth_scenarios:
+            method["summary"] = summary
+        if c.host_rows:
+            method["host_summary"] = host_summary
+            method["host_counts"] = list(c.host_counts)
         return {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python -m gradstats", *sys.argv[1:]]),
@@ -126,7 +147,7 @@ class Runner:
             "machine": env.machine_info(self.device),
             "versions": env.versions(),
             "method": {
-                "summary": summary,
+                **method,
                 "warmup": c.warmup,
                 "repeats": c.repeats,
                 "timer": timing,
@@ -167,9 +188,13 @@ class Runner:
             )
         if self.device.type == "cuda" and self.apex is None:
             self.notes.append("apex not installed: no multi_tensor_l2norm baseline")
-        progress = Progress(len(c.presets) * len(c.dtypes) * len(c.scenarios), c.progress)
+        scenarios = c.bandwidth_scenarios
+        total = len(c.presets) * len(c.dtypes) * len(scenarios) + c.host_rows
+        progress = Progress(total, c.progress)
         try:
-            for name in c.presets:
+            if c.host_rows:
+                self.run_host(progress)
+            for name in c.presets if scenarios else ():
                 preset = make_preset(name, c.llama_layers)
                 for dtype_name in c.dtypes:
                     self.run_set(preset, dtype_name, progress)
@@ -177,8 +202,21 @@ class Runner:
             progress.close()
         return self.rows
 
+    def run_host(self, progress: Progress) -> None:
+        """The host-overhead rows: each gradient count, with nothing to clip and with clipping."""
+        for tensors in self.config.host_counts:
+            progress.start(f"{HOST_OVERHEAD} {tensors:,} tensors: preparing")
+            tiny = host.HostSet(tensors, self.device, self.generator)
+            for variant in host.VARIANTS:
+                progress.start(f"{HOST_OVERHEAD} {tensors:,} tensors {variant}")
+                case = host.host_case(tiny, variant, self.foreach)
+                row = self.time_case(case.sides, lambda t, c=case: host.host_row(c, t, self.device))
+                self.rows.append(row)
+                self.save()
+                progress.step()
+
     def run_set(self, preset: Preset, dtype_name: str, progress: Progress) -> None:
-        scenarios = self.config.scenarios
+        scenarios = self.config.bandwidth_scenarios
         dtype = DTYPES[dtype_name]
         layout = FlatSet(preset, dtype, self.device)
         need, free = self.needed_bytes(layout, scenarios), env.free_memory(self.device)
@@ -223,36 +261,40 @@ class Runner:
                     case = stats_case(ctx, grads)
                 else:
                     case = clip_case(ctx, grads, clips=scenario == "clip")
-            self.rows.append(self.time_case(preset, dtype_name, case, floor_bytes))
+            row = self.time_case(
+                case.sides, lambda t, c=case: self.make_row(preset, dtype_name, c, t, floor_bytes)
+            )
+            self.repeats_used.add(row["repeats"])
+            self.rows.append(row)
             self.save()
             progress.step()
 
-    def time_case(self, preset: Preset, dtype_name: str, case: Case, floor_bytes: int) -> Row:
-        """Times the case, again while other processes were busy (at most BUSY_RETRIES more
-        times); the least disturbed attempt is the row, marked busy when even it was."""
+    def time_case(self, sides: list[Side], make_row: Callable[[Timings], Row]) -> Row:
+        """Times the sides, again while other processes were busy (at most BUSY_RETRIES more
+        times); make_row turns timings into a row; the least disturbed attempt is the row, marked
+        busy when even it was."""
         best: Row | None = None
         for attempt in range(1 + BUSY_RETRIES):
             if attempt:
                 time.sleep(BUSY_PAUSE_S)
-            row = self.time_once(preset, dtype_name, case, floor_bytes)
+            row = self.time_once(sides, make_row)
             if best is None or _other_share(row) < _other_share(best):
                 best = row
             if not is_busy(best, self.config.busy_share):
                 break
         best["attempts"] = attempt + 1
         best["busy"] = is_busy(best, self.config.busy_share)
-        self.repeats_used.add(best["repeats"])
         return best
 
-    def time_once(self, preset: Preset, dtype_name: str, case: Case, floor_bytes: int) -> Row:
+    def time_once(self, sides: list[Side], make_row: Callable[[Timings], Row]) -> Row:
         c = self.config
         others = env.OtherLoad()
         others.start()
         timings = measure(
-            case.sides, self.timer, c.warmup, c.repeats, ROW_BUDGET_S, MIN_REPEATS, MAX_REPEATS
+            sides, self.timer, c.warmup, c.repeats, ROW_BUDGET_S, MIN_REPEATS, MAX_REPEATS
         )
         share = others.share()
-        row = self.make_row(preset, dtype_name, case, timings, floor_bytes)
+        row = make_row(timings)
         row["other_cpu_share"] = share
         return row
 
@@ -287,6 +329,13 @@ class Runner:
         }
         for side, error in case.norm_errors.items():
             row[f"{side}_norm_error"] = error
+        if "planned" in t.times:
+            planned = t.median("planned")
+            row["planned_ms"] = planned
+            row["planned_speedup"] = theirs / planned
+            row["planned_paired_speedup"] = t.paired_ratio("torch", "planned")
+            row["planned_iqr_ms"] = t.iqr("planned")
+            row["planned_min_ms"] = min(t.times["planned"])
         if "adamw" in t.times:
             adamw = t.median("adamw")
             read_ms = case.read_bytes / (floor_gbps / BYTES_PER_MS_IN_GBPS)
@@ -297,8 +346,9 @@ class Runner:
             row["speedup_vs_apex"] = row["apex_ms"] / ours
         if self.device.type == "cuda":
             by_name = {side.name: side for side in case.sides}
-            row["gradstats_syncs"] = count_syncs(by_name["gradstats"])
-            row["torch_syncs"] = count_syncs(by_name["torch"])
+            for side in ("gradstats", "planned", "torch"):
+                if side in by_name:
+                    row[f"{side}_syncs"] = count_syncs(by_name[side])
         return row
 
 
