@@ -80,20 +80,25 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
   return out;
 }
 
-void scale_unwalkable(const std::vector<at::Tensor>& tensors, const at::Tensor& coef,
-                      const std::optional<at::Tensor>& zero_nonfinite) {
-  at::Tensor factor;
+std::vector<int64_t> unwalkable(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> out;
   for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!is_walkable(tensors[i])) out.push_back(static_cast<int64_t>(i));
+  }
+  return out;
+}
+
+void scale_unwalkable(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& which,
+                      const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite) {
+  if (which.empty()) return;
+  // As the kernels: scaled only when coef < 1 (or NaN, which propagates); by 1 otherwise, which
+  // leaves every value as it was. Decided on the device, without a sync.
+  const at::Tensor clips = coef.lt(1).logical_or(coef.isnan());
+  const at::Tensor factor = at::where(clips, coef, at::ones_like(coef));
+  for (const int64_t i : which) {
     const at::Tensor& t = tensors[i];
-    if (is_walkable(t)) continue;
-    if (!factor.defined()) {
-      // As the kernels: scaled only when coef < 1 (or NaN, which propagates); by 1 otherwise,
-      // which leaves every value as it was. Decided on the device, without a sync.
-      const at::Tensor clips = coef.lt(1).logical_or(coef.isnan());
-      factor = at::where(clips, coef, at::ones_like(coef));
-    }
     if (zero_nonfinite.has_value()) {
-      const at::Tensor holds = zero_nonfinite->select(0, static_cast<int64_t>(i)).gt(0);
+      const at::Tensor holds = zero_nonfinite->select(0, i).gt(0);
       t.masked_fill_(t.isfinite().logical_not().logical_and(holds), 0);
     }
     t.mul_(factor.reshape({}));
@@ -149,9 +154,8 @@ at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors, bool wide) {
   return at::kFloat;
 }
 
-StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors, bool wide) {
-  const auto n = static_cast<int64_t>(tensors.size());
-  const auto opts = tensors[0].options().dtype(norm_dtype(tensors, wide));
+StatsOutputs allocate_stats_outputs(const at::Tensor& like, int64_t n, at::ScalarType dtype) {
+  const auto opts = like.options().dtype(dtype);
   return StatsOutputs{at::empty({}, opts), at::empty({}, opts), at::empty({n}, opts),
                       at::empty({kCountRows, n + 1}, opts.dtype(at::kLong))};
 }

@@ -28,10 +28,13 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
 // merged (layout.h). Torch allows more; such views are rare (a tensor sliced in 17 dimensions).
 bool is_walkable(const at::Tensor& t);
 
-// scale_ of the tensors that are not walkable (the kernels skip them), with ATen ops on the
-// device: the same factor (coef when < 1 or NaN, else nothing changes) and the same zeroing.
-void scale_unwalkable(const std::vector<at::Tensor>& tensors, const at::Tensor& coef,
-                      const std::optional<at::Tensor>& zero_nonfinite);
+// The positions of the tensors that are not walkable (the kernels skip them).
+std::vector<int64_t> unwalkable(const std::vector<at::Tensor>& tensors);
+
+// scale_ of those tensors (`which`, from unwalkable) with ATen ops on the device: the same factor
+// (coef when < 1 or NaN, else nothing changes) and the same zeroing as the kernels.
+void scale_unwalkable(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& which,
+                      const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite);
 
 // The walk (layout.h) of tensor `index` of a validated list; raises for a tensor that is not
 // walkable, which callers never pass.
@@ -54,7 +57,8 @@ struct StatsOutputs {
   at::Tensor counts;      // int64 [kCountRows, n + 1] (partial.h); column n holds the totals
 };
 
-StatsOutputs allocate_stats_outputs(const std::vector<at::Tensor>& tensors, bool wide);
+// The stats op's outputs for n tensors like `like`, norms and coefficient in `dtype`.
+StatsOutputs allocate_stats_outputs(const at::Tensor& like, int64_t n, at::ScalarType dtype);
 
 // Checks scale_'s coefficient (one floating value on the tensors' device) and its optional
 // per-tensor non-finite counts (int64 [n], same device). Returns the counts, if given.

@@ -18,12 +18,26 @@ namespace gradstats {
 
 class DevicePlan {
  public:
+  explicit DevicePlan(std::vector<at::Tensor> tensors)
+      : tensors_(std::move(tensors)),
+        narrow_dtype_(norm_dtype(tensors_, /*wide=*/false)),
+        unwalkable_(unwalkable(tensors_)) {}
   virtual ~DevicePlan() = default;
   // The stats op on the plan's tensors (arguments already parsed).
   virtual StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const = 0;
   // The scale_ op on the plan's tensors (coef and counts already checked by check_scale_args).
   virtual void scale(const at::Tensor& coef,
                      const std::optional<at::Tensor>& zero_counts) const = 0;
+
+ protected:
+  StatsOutputs allocate(bool wide) const {
+    return allocate_stats_outputs(tensors_[0], static_cast<int64_t>(tensors_.size()),
+                                  wide ? at::kDouble : narrow_dtype_);
+  }
+
+  std::vector<at::Tensor> tensors_;  // kept alive: the device's plan points into them
+  at::ScalarType narrow_dtype_;      // of the norms when not wide (norm_dtype)
+  std::vector<int64_t> unwalkable_;  // positions scale_unwalkable takes care of
 };
 
 // One per device type, in cpu/ and cuda/; `tensors` come from prepare_tensors.

@@ -100,7 +100,7 @@ struct GradSignature {
 
   explicit GradSignature(const c10::TensorImpl* g) : impl(g) {
     if (g == nullptr) return;
-    storage = g->has_storage() ? g->storage().unsafeGetStorageImpl() : nullptr;
+    storage = g->unsafe_storage().unsafeGetStorageImpl();
     offset = g->storage_offset();
     numel = g->numel();
     dtype = g->dtype();
@@ -111,9 +111,8 @@ struct GradSignature {
   bool matches(const c10::TensorImpl* g) const {
     if (g != impl) return false;
     if (g == nullptr) return true;
-    const c10::StorageImpl* now = g->has_storage() ? g->storage().unsafeGetStorageImpl() : nullptr;
-    return now == storage && g->storage_offset() == offset && g->numel() == numel &&
-           g->dtype() == dtype && g->is_contiguous() == contiguous &&
+    return g->unsafe_storage().unsafeGetStorageImpl() == storage && g->storage_offset() == offset &&
+           g->numel() == numel && g->dtype() == dtype && g->is_contiguous() == contiguous &&
            (contiguous || layout_of(g) == sizes_and_strides);
   }
 
@@ -125,9 +124,13 @@ struct GradSignature {
 };
 
 // The gradient of the parameter behind a Python object (null when it has none), read straight from
-// the TensorImpl: Tensor::grad() also asks the autograd hooks whether to warn about non-leaves.
+// its autograd metadata: Tensor::grad() also asks the autograd hooks whether to warn about
+// non-leaves.
 const c10::TensorImpl* grad_impl(PyObject* param) {
-  const at::Tensor& g = THPVariable_Unpack(param).unsafeGetTensorImpl()->grad();
+  const c10::AutogradMetaInterface* meta =
+      THPVariable_Unpack(param).unsafeGetTensorImpl()->autograd_meta();
+  if (meta == nullptr) return nullptr;
+  const at::Tensor& g = meta->grad();
   return g.defined() ? g.unsafeGetTensorImpl() : nullptr;
 }
 

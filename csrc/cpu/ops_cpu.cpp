@@ -135,6 +135,10 @@ Partial piece_partial(const Plan& plan, const Piece& piece, NormSpec spec) {
   dispatch_dtype(src.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* base = reinterpret_cast<const T*>(src.data);
+    if (src.layout == kFlat) {  // one row: its partial is the piece's
+      acc = row_partial(base + piece.begin, piece.end - piece.begin, 1, spec);
+      return;
+    }
     plan.for_each_row(src, piece, [&](int64_t off, int64_t n, int64_t stride) {
       combine(acc, row_partial(base + off, n, stride, spec), spec);
     });
@@ -167,7 +171,7 @@ void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, N
 // scale_, are scaled by scale_unwalkable).
 class CpuPlan final : public DevicePlan {
  public:
-  explicit CpuPlan(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+  explicit CpuPlan(std::vector<at::Tensor> tensors) : DevicePlan(std::move(tensors)) {
     plan_.sources.reserve(tensors_.size());
     plan_.pieces.reserve(tensors_.size());
     plan_.piece_start.reserve(tensors_.size());
@@ -195,7 +199,7 @@ class CpuPlan final : public DevicePlan {
     Partial all = empty_partial();
     for (const Partial& p : per_tensor) combine(all, total_term(p, spec, policy), spec);
 
-    const StatsOutputs out = allocate_stats_outputs(tensors_, wide);
+    const StatsOutputs out = allocate(wide);
     if (out.norms.scalar_type() == at::kDouble) {
       write_outputs<double>(per_tensor, all, spec, policy, max_norm, out);
     } else {
@@ -230,11 +234,10 @@ class CpuPlan final : public DevicePlan {
         });
       });
     }
-    scale_unwalkable(tensors_, coef_tensor, zero_counts);
+    scale_unwalkable(tensors_, unwalkable_, coef_tensor, zero_counts);
   }
 
  private:
-  std::vector<at::Tensor> tensors_;  // kept alive: the plan points into them
   Plan plan_;
 };
 

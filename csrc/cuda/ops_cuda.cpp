@@ -108,7 +108,7 @@ at::Tensor readable_coef(const at::Tensor& coef) {
 // large tables, each table packed once.
 class CudaPlan final : public DevicePlan {
  public:
-  explicit CudaPlan(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+  explicit CudaPlan(std::vector<at::Tensor> tensors) : DevicePlan(std::move(tensors)) {
     const std::vector<TensorDesc> descs = describe(tensors_);
     plan_ = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
     if (plan_.launches.size() == 1) {
@@ -123,7 +123,7 @@ class CudaPlan final : public DevicePlan {
     const c10::cuda::CUDAGuard guard(tensors_[0].device());
     const c10::DeviceIndex device = tensors_[0].device().index();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-    const StatsOutputs out = allocate_stats_outputs(tensors_, wide);
+    const StatsOutputs out = allocate(wide);
     const auto n = static_cast<int64_t>(tensors_.size());
     const auto launches = static_cast<int64_t>(plan_.launches.size());
 
@@ -165,7 +165,7 @@ class CudaPlan final : public DevicePlan {
       const int64_t chunks = plan_.launches[k].num_chunks;
       if (chunks > 0) launch_scale(table, args, grid_size(chunks, device), stream);
     });
-    scale_unwalkable(tensors_, coef, zero_counts);
+    scale_unwalkable(tensors_, unwalkable_, coef, zero_counts);
   }
 
  private:
@@ -189,7 +189,6 @@ class CudaPlan final : public DevicePlan {
     }
   }
 
-  std::vector<at::Tensor> tensors_;  // kept alive: the tables hold their addresses
   CallPlan plan_;
   std::vector<std::unique_ptr<SmallTable>> small_;
   std::vector<std::unique_ptr<LargeTable>> large_;
