@@ -11,6 +11,7 @@ from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 from gradstats.monitor import Finding, GradMonitor, MonitorHistory
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
+from gradstats.patch import TorchPatch, patch_torch, unpatch_torch
 from gradstats.stats import count_nonfinite, grad_stats
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GradMonitor",
     "GradStats",
     "MonitorHistory",
+    "TorchPatch",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -30,4 +32,6 @@ __all__ = [
     "get_total_norm",
     "grad_stats",
     "kernel_devices",
+    "patch_torch",
+    "unpatch_torch",
 ]
