@@ -19,11 +19,12 @@ FINDINGS_KEY = "gradstats_findings"  # the number of problems GradMonitor has di
 REPORT_KEY = "gradstats_report"  # GradMonitor.report(), when a new finding appears
 
 
-def check_on_nonfinite(on_nonfinite: str) -> str:
-    """Raises now, naming the choices, rather than at the first step. gradstats.clip_grad_norm_
-    owns the rule; on no tensors it checks its arguments and does nothing else."""
-    gradstats.clip_grad_norm_([], math.inf, on_nonfinite=on_nonfinite)
-    return on_nonfinite
+def check_clip_arguments(
+    on_nonfinite: str, max_norm: float = math.inf, norm_type: float | str = 2.0
+) -> None:
+    """Raises now, saying what was expected, rather than at the first step. The rules live in
+    gradstats.clip_grad_norm_, which on no tensors checks its arguments and does nothing else."""
+    gradstats.clip_grad_norm_([], max_norm, norm_type, on_nonfinite=on_nonfinite)
 
 
 def check_monitor(monitor: bool | gradstats.GradMonitor) -> bool | gradstats.GradMonitor:

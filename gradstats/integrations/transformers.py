@@ -46,8 +46,8 @@ from gradstats.integrations._common import (
     SKIPPED_KEY,
     FindingsReporter,
     NonfiniteTotals,
+    check_clip_arguments,
     check_monitor,
-    check_on_nonfinite,
     make_monitor,
 )
 
@@ -87,7 +87,8 @@ class GradStatsCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, on_nonfinite: str = "skip", monitor: bool | gradstats.GradMonitor = False):
-        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        check_clip_arguments(on_nonfinite)
+        self.on_nonfinite = on_nonfinite
         self._monitor_option = check_monitor(monitor)
         self.monitor: gradstats.GradMonitor | None = None
         self._reporter: FindingsReporter | None = None
