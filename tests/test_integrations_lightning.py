@@ -156,6 +156,24 @@ def test_losses_and_norms_match_stock_lightning(tmp_path):
     assert ours.lrs == stock.lrs
 
 
+def test_gradient_accumulation_matches_stock_lightning(tmp_path):
+    stock, ours = Probe(), Probe()
+    fit(tmp_path / "stock", [stock], gradient_clip_val=MAX_NORM, accumulate_grad_batches=2)
+    callback = GradStatsCallback(max_norm=MAX_NORM)
+    fit(tmp_path / "ours", [callback, ours], accumulate_grad_batches=2)
+    assert len(ours.torch_norms) == STEPS  # optimizer steps, each over two batches
+    assert ours.losses == pytest.approx(stock.losses, rel=1e-5, abs=0)
+    assert ours.torch_norms == pytest.approx(stock.torch_norms, rel=1e-5, abs=0)
+
+
+def test_without_max_norm_nothing_is_clipped(tmp_path):
+    stock, ours = Probe(), Probe()
+    fit(tmp_path / "stock", [stock])
+    fit(tmp_path / "ours", [GradStatsCallback(), ours])
+    assert ours.losses == pytest.approx(stock.losses, rel=1e-5, abs=0)
+    assert [h["grad_norm"] for h in ours.logged] == pytest.approx(stock.torch_norms, rel=1e-5)
+
+
 def test_the_comparison_can_fail(tmp_path):
     """Negative control: a slightly different clip threshold moves the losses beyond tolerance."""
     stock, other = Probe(), Probe()
@@ -173,16 +191,32 @@ def test_logs_reach_lightnings_logger(tmp_path):
     assert all(r["grad_nan_count"] == "0.0" and r["skipped_steps"] == "0.0" for r in rows)
 
 
-def test_the_clip_reads_the_gradients_once(tmp_path, monkeypatch):
-    """No torch clipping runs: gradstats' wrapper is the only place the gradients are read."""
-    called = []
-    original = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(
-        torch.nn.utils, "clip_grad_norm_", lambda *a, **k: called.append(1) or original(*a, **k)
-    )
-    trainer, _ = fit(tmp_path, [GradStatsCallback(max_norm=MAX_NORM)])
-    assert not called
+def count_calls(monkeypatch, module, name, calls):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_one_pass_per_step(tmp_path, monkeypatch):
+    """One fused statistics launch per step (the monitor reuses it), no torch clipping."""
+    calls = []
+    count_calls(monkeypatch, gradstats.ops, "stats", calls)
+    count_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls)
+    trainer, _ = fit(tmp_path, [GradStatsCallback(max_norm=MAX_NORM, monitor=True)])
+    assert calls == ["stats"] * STEPS
     assert all(isinstance(o, gradstats.ClipGradOptimizer) for o in trainer.optimizers)
+
+
+def test_the_pass_count_would_see_torch_clipping(tmp_path, monkeypatch):
+    """Negative control: Lightning's own clipping calls torch's function every step."""
+    calls = []
+    count_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls)
+    fit(tmp_path, gradient_clip_val=MAX_NORM)
+    assert calls == ["clip_grad_norm_"] * STEPS
 
 
 # ---------------------------------------------------------------------------- non-finite steps

@@ -154,6 +154,16 @@ def test_losses_and_norms_match_stock_trainer(tmp_path):
         assert (b["grad_nan_count"], b["grad_inf_count"], b["skipped_steps"]) == (0, 0, 0)
 
 
+def test_gradient_accumulation_matches_stock_trainer(tmp_path):
+    """With accumulation the Trainer clips once per optimizer step, after the last micro-batch."""
+    settings = dict(**SGD, gradient_accumulation_steps=2, max_steps=8)
+    stock = step_logs(train(tmp_path / "stock", **settings))
+    ours = step_logs(train(tmp_path / "ours", callbacks=[GradStatsCallback()], **settings))
+    assert len(ours) == 8
+    for key in ("loss", "grad_norm"):
+        assert [h[key] for h in ours] == pytest.approx([h[key] for h in stock], rel=1e-5)
+
+
 def test_the_comparison_can_fail(tmp_path):
     """Negative control: a different clip threshold changes the losses beyond the tolerance."""
     stock = step_logs(train(tmp_path / "stock", **SGD))
@@ -161,26 +171,46 @@ def test_the_comparison_can_fail(tmp_path):
     assert any(b["loss"] != pytest.approx(a["loss"], rel=1e-5) for a, b in zip(stock, other))
 
 
+def counting(monkeypatch, module, name, calls, key):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
 def test_one_norm_pass_per_step_through_gradstats(tmp_path, monkeypatch):
-    """The Trainer's clipping goes through gradstats once per step and torch's function is never
-    called; torch's own is back after training."""
+    """One fused statistics launch per step and torch's clipping never runs; torch's function is
+    back in place after training. (With monitor=True the monitor reuses that launch's statistics;
+    it reads the model's floating-point inputs besides.)"""
     callback = GradStatsCallback()
-    calls = {"gradstats": 0, "torch": 0}
-    ours, theirs = gradstats.clip_grad_norm_, torch.nn.utils.clip_grad_norm_
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(gradstats, "clip_grad_norm_", counted("gradstats", ours))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted("torch", theirs))
-    patched = torch.nn.utils.clip_grad_norm_
+    calls = {"stats": 0, "torch": 0}
+    counting(monkeypatch, gradstats.ops, "stats", calls, "stats")
+    counting(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls, "torch")
+    counting(monkeypatch, torch.nn.utils, "get_total_norm", calls, "torch")
+    before = torch.nn.utils.clip_grad_norm_
     train(tmp_path, callbacks=[callback])
-    assert calls == {"gradstats": STEPS, "torch": 0}
-    assert torch.nn.utils.clip_grad_norm_ is patched
+    assert calls == {"stats": STEPS, "torch": 0}
+    assert torch.nn.utils.clip_grad_norm_ is before
+
+
+def test_the_pass_count_would_see_a_second_pass(tmp_path, monkeypatch):
+    """Negative control: with ClipGradOptimizer as the Trainer's optimizer (and the Trainer's own
+    clipping on), torch's norm pass runs besides gradstats' every step."""
+    calls = {"stats": 0, "torch": 0}
+    counting(monkeypatch, gradstats.ops, "stats", calls, "stats")
+    counting(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls, "torch")
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    transformers.Trainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=make_data(),
+        optimizers=(gradstats.ClipGradOptimizer(inner, max_norm=MAX_GRAD_NORM), None),
+    ).train()
+    assert calls == {"stats": STEPS, "torch": STEPS}
 
 
 def test_without_clipping_the_logged_norm_is_still_one_gradstats_pass(tmp_path):
@@ -222,6 +252,49 @@ def test_stock_trainer_spreads_the_nan_and_steps_the_scheduler(tmp_path):
     trainer = train(tmp_path, nan_steps=[NAN_STEP])
     assert not all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.lr_scheduler.last_epoch == STEPS
+
+
+def test_fp16_grad_scaler_is_updated_on_a_skipped_step(tmp_path):
+    """With a GradScaler (fp16 on a GPU) accelerate steps through scaler.step() and update(); a
+    skipped step must still update the scaler (scale backed off, unscale state cleared), as
+    GradScaler does on a step it skips itself. Driven by hand with the events in the Trainer's
+    order, on the CPU GradScaler."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    args = make_args(tmp_path)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(inner, scaler=scaler)
+    callback = GradStatsCallback()
+    events = dict(model=model, optimizer=optimizer)
+    callback.on_train_begin(args, state, control, **events)
+
+    def step(factor):
+        scaler.scale(model(torch.randn(3, 4)).sum() * factor).backward()
+        scaler.unscale_(inner)  # accelerator.clip_grad_norm_ unscales first
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        callback.on_pre_optimizer_step(args, state, control, **events)
+        optimizer.step()
+        callback.on_optimizer_step(args, state, control, **events)
+        model.zero_grad()
+        return optimizer.step_was_skipped
+
+    try:
+        assert not step(1.0)
+        before = _snapshot(model, inner)
+        assert step(math.nan)
+        assert _equal_bitwise(before, _snapshot(model, inner))
+        assert scaler.get_scale() == 512.0
+        assert not step(1.0)  # the scaler is usable again, the skipped flag cleared
+        assert not _equal_bitwise(before, _snapshot(model, inner))
+    finally:
+        callback.on_train_end(args, state, control, **events)
+    assert callback.skipped_steps == 1
+    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
 
 
 def test_propagate_behaves_as_stock(tmp_path):
