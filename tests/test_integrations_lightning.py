@@ -17,6 +17,8 @@ pl = pytest.importorskip(
     "lightning.pytorch", reason="needs lightning (pip install 'gradstats[lightning]')"
 )
 
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
 import gradstats  # noqa: E402
 from gradstats.integrations.lightning import GradStatsCallback  # noqa: E402
 from gradstats.optim import STATE_KEY  # noqa: E402
@@ -242,6 +244,27 @@ def test_nan_step_is_skipped_without_a_scheduler_step(tmp_path, optimizer):
     assert [h["skipped_steps"] for h in logged] == [0, 1, 1]
     assert math.isnan(logged[1]["grad_norm"])
     assert callback.skipped_steps == 1
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "propagate"])
+def test_grad_scaler_overflows_hold_the_scheduler_too(tmp_path, on_nonfinite):
+    """Under a GradScaler (16-mixed; here its CPU version) the wrapper skips the scaler's overflow
+    steps whatever on_nonfinite says, and the scheduler stays still on each; stock Lightning steps
+    it regardless (negative control)."""
+
+    def scaled():
+        return [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+    module = Net("adamw")
+    module.nan_steps = {NAN_STEP}
+    callback = GradStatsCallback(max_norm=MAX_NORM, on_nonfinite=on_nonfinite)
+    trainer, _ = fit(tmp_path / "ours", [callback], module=module, plugins=scaled())
+    skipped = callback.skipped_steps
+    assert skipped >= 1  # the NaN step, and the scaler's first overflows as it finds its scale
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == STEPS - skipped
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    stock, _ = fit(tmp_path / "stock", module=Net("adamw"), plugins=scaled())
+    assert stock.lr_scheduler_configs[0].scheduler.last_epoch == STEPS
 
 
 def test_stock_lightning_spreads_the_nan_and_steps_the_scheduler(tmp_path):

@@ -17,8 +17,9 @@ own gradient_clip_val must stay unset: its clipping would read the gradients a s
 LR schedulers: after each optimizer step Lightning steps the "step"-interval schedulers through
 LightningModule.lr_scheduler_step. During fit this callback wraps that hook on the module instance:
 after a skipped step (one host read of the wrapper's skipped-step counter, when a scheduler is due)
-step-interval schedulers are not stepped; epoch-interval ones are stepped as usual. The hook is put
-back at the end of fit, also when fit raises. trainer.global_step counts skipped steps too.
+step-interval schedulers are not stepped; epoch-interval ones are stepped as usual. Under a
+GradScaler (precision "16-mixed") this holds for the steps skipped on its overflows too. The hook is
+put back at the end of fit, also when fit raises. trainer.global_step counts skipped steps too.
 
 Logging, at the steps Lightning writes to its loggers (every log_every_n_steps optimizer steps),
 through LightningModule.log: grad_norm (before clipping), grad_nan_count and grad_inf_count (NaN
@@ -136,7 +137,11 @@ class GradStatsCallback(pl.Callback):
         trainer.optimizers = self.optimizers
         self._seen = [None] * len(self.optimizers)
         self._skipped_before = None
-        if self.on_nonfinite == "skip" and trainer.lr_scheduler_configs:
+        # Steps are skipped under "skip", and under a GradScaler (16-mixed) on its overflows
+        # whatever on_nonfinite says; otherwise the schedulers need no watching (and no sync).
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        skips = self.on_nonfinite == "skip" or scaler is not None
+        if skips and trainer.lr_scheduler_configs:
             self._hold_schedulers(trainer, pl_module)
 
     def _hold_schedulers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
