@@ -11,6 +11,7 @@ from gradstats.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 from gradstats.monitor import Finding, GradMonitor, MonitorHistory, MonitorThresholds
 from gradstats.ops import BUILD_INFO, kernel_devices
 from gradstats.optim import AdaptiveClip, ClipGradOptimizer
+from gradstats.patch import TorchPatch, patch_torch, unpatch_torch
 from gradstats.plan import GradPlan
 from gradstats.stats import count_nonfinite, grad_stats
 
@@ -25,6 +26,7 @@ __all__ = [
     "GradStats",
     "MonitorHistory",
     "MonitorThresholds",
+    "TorchPatch",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -33,4 +35,6 @@ __all__ = [
     "get_total_norm",
     "grad_stats",
     "kernel_devices",
+    "patch_torch",
+    "unpatch_torch",
 ]

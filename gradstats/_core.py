@@ -116,6 +116,17 @@ class GradStats:
         return out
 
 
+def empty_stats(norm_type: float, with_clip_coef: bool, per_tensor: bool) -> GradStats:
+    """The statistics of no tensors at all: a zero norm, nothing to clip, no NaN/Inf."""
+    return GradStats(
+        torch.zeros(()),
+        torch.ones(()) if with_clip_coef else None,
+        torch.zeros(0) if per_tensor else None,
+        torch.zeros(3, 1, dtype=torch.int64),
+        norm_type,
+    )
+
+
 # ------------------------------------------------------------------------------ argument checks
 
 

@@ -5,7 +5,8 @@ Same signatures and return conventions as torch (2.6+). Differences, on purpose:
   gradients, so it cannot overflow; the gradients are then clipped, where torch zeroes them;
 - when nothing needs clipping (coefficient >= 1) the gradients are not touched at all;
 - `foreach` is accepted and ignored: one fused launch per device covers every dtype;
-- keyword-only `on_nonfinite` chooses what NaN/Inf gradients do;
+- keyword-only `on_nonfinite` chooses what NaN/Inf gradients do, and `return_stats` returns the
+  pass's GradStats (norms, NaN/Inf counts, coefficient) instead of the norm;
 - DTensor gradients (FSDP2, tensor parallel) give the global norm by themselves, and keyword-only
   `process_group` makes it global over gradients split across ranks (gradstats.distributed).
 """
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gradstats._core import (
+    GradStats,
     TensorOrTensors,
     apply_clip,
     as_tensor_list,
@@ -29,6 +31,7 @@ from gradstats._core import (
     clip_arguments,
     clip_coef,
     collect_grads,
+    empty_stats,
     group_by_device_and_dtype,
     kernel_policy,
     raise_if_nonfinite,
@@ -51,7 +54,8 @@ def clip_grad_norm_(
     *,
     on_nonfinite: str = "propagate",
     process_group: ProcessGroup | None = None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | GradStats:
     """Clips the gradient norm of an iterable of parameters in place; returns the total norm.
 
     on_nonfinite: "propagate" (torch's outcome: a NaN/Inf norm, gradients scaled by it), "skip"
@@ -65,6 +69,11 @@ def clip_grad_norm_(
     process_group: the ranks over which the gradients are split (ZeRO-style slices, parameters
     split across ranks); every rank gets the global norm and clips by the same coefficient, and a
     NaN on any rank is seen by all. Not needed for DTensor (FSDP2) or replicated (DDP) gradients.
+
+    return_stats: return the GradStats of the same pass instead of the norm: total_norm (before
+    clipping, the norm returned otherwise), clip_coef (the factor applied; 1 where nothing was
+    scaled), per-tensor norms and NaN/Inf counts of the parameters that have a gradient, in order.
+    Nothing is synchronised: the fields are tensors on the gradients' device.
     """
     del foreach  # one fused launch per device replaces torch's foreach kernels
     policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
@@ -74,12 +83,12 @@ def clip_grad_norm_(
             warnings.warn(EMPTY_GENERATOR, stacklevel=2)
     grads = collect_grads(parameters)
     if not grads and process_group is None:
-        return torch.tensor(0.0)
-    st = statistics(grads, p, limit, kernel_policy(policy), process_group, per_tensor=False)
+        return empty_stats(p, True, True) if return_stats else torch.tensor(0.0)
+    st = statistics(grads, p, limit, kernel_policy(policy), process_group, per_tensor=return_stats)
     if policy == "error":
         raise_if_nonfinite(st, grads, p, norm_only=error_if_nonfinite)
     apply_clip(grads, st.clip_coef, st.nonfinite if policy == "zero" else None)
-    return st.total_norm
+    return st if return_stats else st.total_norm
 
 
 def get_total_norm(

@@ -124,7 +124,8 @@ class GradPlan:
         *,
         on_nonfinite: str = "propagate",
         process_group: ProcessGroup | None = None,
-    ) -> Tensor:
+        return_stats: bool = False,
+    ) -> Tensor | GradStats:
         """gradstats.clip_grad_norm_ of the parameters: the statistics and the clip in one native
         call (two with "error", whose raise comes between them)."""
         policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
@@ -132,14 +133,14 @@ class GradPlan:
             if policy != "error":
                 out = self._native.stats(p, limit, policy, False, True)
                 if out is not None:
-                    return out[0]
+                    return GradStats(*out, p) if return_stats else out[0]
             else:
                 out = self._native.stats(p, limit, "propagate", False, False)
                 if out is not None:
                     st = GradStats(*out, p)
                     raise_if_nonfinite(st, self.grads(), p, norm_only=error_if_nonfinite)
                     self.apply_clip(st.clip_coef)
-                    return st.total_norm
+                    return st if return_stats else st.total_norm
         return clip_grad_norm_(
             self._params,
             max_norm,
@@ -148,6 +149,7 @@ class GradPlan:
             foreach,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            return_stats=return_stats,
         )
 
     def grad_stats(

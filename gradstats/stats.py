@@ -16,6 +16,7 @@ from gradstats._core import (
     as_tensor_list,
     check_max_norm,
     check_norm_type,
+    empty_stats,
 )
 from gradstats.distributed import statistics
 
@@ -46,14 +47,7 @@ def grad_stats(
     p = check_norm_type(norm_type)
     limit = math.inf if max_norm is None else check_max_norm(max_norm)
     if not tensors and process_group is None:
-        zero = torch.zeros(())
-        return GradStats(
-            zero,
-            None if max_norm is None else torch.ones(()),
-            torch.zeros(0) if per_tensor else None,
-            torch.zeros(3, 1, dtype=torch.int64),
-            p,
-        )
+        return empty_stats(p, max_norm is not None, per_tensor)
     st = statistics(tensors, p, limit, "propagate", process_group, per_tensor)
     return GradStats(
         st.total_norm,

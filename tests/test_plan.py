@@ -64,6 +64,19 @@ def test_bitwise_the_functional_results(device, policy, max_norm, norm_type):
     assert plan.builds == 1
 
 
+@pytest.mark.parametrize("policy", ["propagate", "zero", "error"])
+def test_return_stats_as_the_functional_call(policy):
+    planned = make_params("cpu")
+    functional = twin(planned)
+    got = gradstats.GradPlan(planned).clip_grad_norm_(0.5, on_nonfinite=policy, return_stats=True)
+    want = gradstats.clip_grad_norm_(functional, 0.5, on_nonfinite=policy, return_stats=True)
+    for a, b in [(got.total_norm, want.total_norm), (got.clip_coef, want.clip_coef)]:
+        same(a, b)
+    same(got.norms, want.norms)
+    same(got.counts, want.counts)
+    assert_same_grads(planned, functional)
+
+
 def test_the_comparison_can_fail():
     planned = make_params("cpu")
     functional = twin(planned)
