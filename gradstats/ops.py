@@ -58,6 +58,14 @@ def grad_plan(params: Sequence[Tensor]) -> Any:
     return _C.GradPlan(list(params))
 
 
+def plan_stats(
+    plan: Any, norm_type: float, max_norm: float, on_nonfinite: str, wide: bool, clip: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The stats op on a grad_plan's gradients, as stats() returns it, and with clip the scale
+    op after it (zeroing NaN/Inf under "zero"); None when the plan does not serve them."""
+    return plan.stats(norm_type, max_norm, on_nonfinite, wide, clip)
+
+
 def nothing_to_clip_on_cpu(coef: Tensor) -> bool:
     """True when coef is a CPU tensor >= 1: then no gradient needs scaling, and skipping the scale
     op saves passing every tensor to it. Read natively; False on other devices (their scale kernel

@@ -100,7 +100,7 @@ class GradPlan:
         """distributed.statistics of the gradients (arguments checked; on_nonfinite a kernel
         policy), from the plan when it serves them."""
         if self._native_ok(process_group):
-            out = self._native.stats(norm_type, max_norm, on_nonfinite, wide, False)
+            out = ops.plan_stats(self._native, norm_type, max_norm, on_nonfinite, wide, False)
             if out is not None:
                 return GradStats(*out, norm_type)
         grads = self.grads()
@@ -131,11 +131,11 @@ class GradPlan:
         policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
         if self._native_ok(process_group):
             if policy != "error":
-                out = self._native.stats(p, limit, policy, False, True)
+                out = ops.plan_stats(self._native, p, limit, policy, False, True)
                 if out is not None:
                     return GradStats(*out, p) if return_stats else out[0]
             else:
-                out = self._native.stats(p, limit, "propagate", False, False)
+                out = ops.plan_stats(self._native, p, limit, "propagate", False, False)
                 if out is not None:
                     st = GradStats(*out, p)
                     raise_if_nonfinite(st, self.grads(), p, norm_only=error_if_nonfinite)
@@ -164,7 +164,7 @@ class GradPlan:
         p = check_norm_type(norm_type)
         limit = math.inf if max_norm is None else check_max_norm(max_norm)
         if self._native_ok(process_group):
-            out = self._native.stats(p, limit, "propagate", False, False)
+            out = ops.plan_stats(self._native, p, limit, "propagate", False, False)
             if out is not None:
                 total, coef, norms, counts = out
                 coef = None if max_norm is None else coef

@@ -193,11 +193,13 @@ def test_logs_reach_lightnings_logger(tmp_path):
     assert all(r["grad_nan_count"] == "0.0" and r["skipped_steps"] == "0.0" for r in rows)
 
 
-def count_calls(monkeypatch, module, name, calls):
+def count_calls(monkeypatch, module, name, calls, label=None):
+    """Records label (default: name) in calls at each call of module.name. The fused pass is
+    ops.stats, or ops.plan_stats when a GradPlan serves the gradients."""
     original = getattr(module, name)
 
     def counted(*args, **kwargs):
-        calls.append(name)
+        calls.append(label or name)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, counted)
@@ -207,6 +209,7 @@ def test_one_pass_per_step(tmp_path, monkeypatch):
     """One fused statistics launch per step (the monitor reuses it), no torch clipping."""
     calls = []
     count_calls(monkeypatch, gradstats.ops, "stats", calls)
+    count_calls(monkeypatch, gradstats.ops, "plan_stats", calls, "stats")
     count_calls(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls)
     trainer, _ = fit(tmp_path, [GradStatsCallback(max_norm=MAX_NORM, monitor=True)])
     assert calls == ["stats"] * STEPS

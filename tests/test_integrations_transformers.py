@@ -188,6 +188,7 @@ def test_one_norm_pass_per_step_through_gradstats(tmp_path, monkeypatch):
     callback = GradStatsCallback()
     calls = {"stats": 0, "torch": 0}
     counting(monkeypatch, gradstats.ops, "stats", calls, "stats")
+    counting(monkeypatch, gradstats.ops, "plan_stats", calls, "stats")
     counting(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls, "torch")
     counting(monkeypatch, torch.nn.utils, "get_total_norm", calls, "torch")
     before = torch.nn.utils.clip_grad_norm_
@@ -201,6 +202,7 @@ def test_the_pass_count_would_see_a_second_pass(tmp_path, monkeypatch):
     clipping on), torch's norm pass runs besides gradstats' every step."""
     calls = {"stats": 0, "torch": 0}
     counting(monkeypatch, gradstats.ops, "stats", calls, "stats")
+    counting(monkeypatch, gradstats.ops, "plan_stats", calls, "stats")
     counting(monkeypatch, torch.nn.utils, "clip_grad_norm_", calls, "torch")
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
