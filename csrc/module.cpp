@@ -87,16 +87,14 @@ std::optional<bool> cpu_coef_at_least_one(const at::Tensor& coef) {
 
 // What a parameter's gradient was when a GradPlan was built: a plan stays valid while each
 // gradient is the same tensor, on the same memory (storage and offset), with the same element count
-// and dtype and, unless contiguous, the same sizes and strides. (Reassigning .data, resize_ or a
-// transpose in place change one of those.) A few loads per parameter.
+// and dtype (reassigning .data, resize_ or set_ change one of those; a transpose in place keeps the
+// set of elements, which is all that norms and a scale depend on). Two cache lines per gradient.
 struct GradSignature {
   const c10::TensorImpl* impl = nullptr;  // null: no gradient
   const c10::StorageImpl* storage = nullptr;
   int64_t offset = 0;
   int64_t numel = 0;
   caffe2::TypeMeta dtype;
-  bool contiguous = true;
-  std::vector<int64_t> sizes_and_strides;  // only when not contiguous
 
   explicit GradSignature(const c10::TensorImpl* g) : impl(g) {
     if (g == nullptr) return;
@@ -104,33 +102,27 @@ struct GradSignature {
     offset = g->storage_offset();
     numel = g->numel();
     dtype = g->dtype();
-    contiguous = g->is_contiguous();
-    if (!contiguous) sizes_and_strides = layout_of(g);
   }
 
   bool matches(const c10::TensorImpl* g) const {
     if (g != impl) return false;
     if (g == nullptr) return true;
     return g->unsafe_storage().unsafeGetStorageImpl() == storage && g->storage_offset() == offset &&
-           g->numel() == numel && g->dtype() == dtype && g->is_contiguous() == contiguous &&
-           (contiguous || layout_of(g) == sizes_and_strides);
-  }
-
-  static std::vector<int64_t> layout_of(const c10::TensorImpl* g) {
-    std::vector<int64_t> out = g->sizes().vec();
-    out.insert(out.end(), g->strides().begin(), g->strides().end());
-    return out;
+           g->numel() == numel && g->dtype() == dtype;
   }
 };
 
-// The gradient of the parameter behind a Python object (null when it has none), read straight from
-// its autograd metadata: Tensor::grad() also asks the autograd hooks whether to warn about
-// non-leaves.
-const c10::TensorImpl* grad_impl(PyObject* param) {
-  const c10::AutogradMetaInterface* meta =
-      THPVariable_Unpack(param).unsafeGetTensorImpl()->autograd_meta();
-  if (meta == nullptr) return nullptr;
-  const at::Tensor& g = meta->grad();
+// Where a parameter's gradient lives: its autograd metadata, which lasts as long as the parameter
+// does (null until the tensor first requires grad). Reading .grad from it directly skips
+// Tensor::grad()'s non-leaf warning check and a call.
+const torch::autograd::AutogradMeta* grad_owner(const at::Tensor& param) {
+  return static_cast<const torch::autograd::AutogradMeta*>(
+      param.unsafeGetTensorImpl()->autograd_meta());
+}
+
+const c10::TensorImpl* grad_of(const torch::autograd::AutogradMeta* owner) {
+  if (owner == nullptr) return nullptr;
+  const at::Tensor& g = owner->grad_;
   return g.defined() ? g.unsafeGetTensorImpl() : nullptr;
 }
 
@@ -154,7 +146,14 @@ bool plannable(const at::Tensor& g, c10::Device device) {
 // no per-tensor checks, planning or dispatcher conversions.
 class GradPlan {
  public:
-  explicit GradPlan(py::list params) : params_(std::move(params)) {}
+  explicit GradPlan(py::list params) : params_(std::move(params)) {
+    size_t index = 0;
+    for (const py::handle item : params_) {
+      const at::Tensor& param = unpack(item, index++, "GradPlan");
+      tensors_.push_back(param.unsafeGetTensorImpl());
+      owners_.push_back(grad_owner(param));
+    }
+  }
 
   // The parameters that have a gradient, in order.
   py::list params_with_grads() {
@@ -219,7 +218,9 @@ class GradPlan {
     bool ok = true;
     size_t index = 0;
     for (const py::handle item : params_) {
-      const at::Tensor& g = unpack(item, index++, "GradPlan").grad();
+      const at::Tensor& param = THPVariable_Unpack(item.ptr());
+      owners_[index++] = grad_owner(param);  // made when the tensor first required grad
+      const at::Tensor& g = param.grad();
       signatures_.emplace_back(g.defined() ? g.unsafeGetTensorImpl() : nullptr);
       if (!g.defined()) continue;
       ok = ok && plannable(g, grads.empty() ? g.device() : grads[0].device());
@@ -238,15 +239,40 @@ class GradPlan {
   }
 
   bool fresh() const {
-    PyObject* list = params_.ptr();
-    const Py_ssize_t n = PyList_GET_SIZE(list);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (!signatures_[i].matches(grad_impl(PyList_GET_ITEM(list, i)))) return false;
+    const size_t n = owners_.size();
+    for (size_t i = 0; i < n; ++i) {
+      // Each check follows pointers (metadata, gradient, its storage) that a training step's
+      // forward and backward have evicted from the caches: fetch them a few parameters ahead.
+      if (i + kPrefetchAhead < n) prefetch_grad(owners_[i + kPrefetchAhead]);
+      if (i + 2 * kPrefetchAhead < n) __builtin_prefetch(owners_[i + 2 * kPrefetchAhead]);
+      // A tensor without autograd metadata at the last build may have been given some since.
+      const torch::autograd::AutogradMeta* owner =
+          owners_[i] != nullptr
+              ? owners_[i]
+              : static_cast<const torch::autograd::AutogradMeta*>(tensors_[i]->autograd_meta());
+      if (!signatures_[i].matches(grad_of(owner))) return false;
     }
     return true;
   }
 
-  py::list params_;
+  // How many parameters ahead fresh() fetches: enough loads in flight to cover a cache miss.
+  static constexpr size_t kPrefetchAhead = 8;
+
+  static void prefetch_grad(const torch::autograd::AutogradMeta* owner) {
+    const c10::TensorImpl* g = grad_of(owner);
+    if (g == nullptr) return;
+    // The storage pointer opens the TensorImpl; the offset, numel and dtype sit further on.
+    const char* base = reinterpret_cast<const char*>(g);
+    for (size_t at = 0; at < sizeof(c10::TensorImpl); at += kCacheLine) {
+      __builtin_prefetch(base + at);
+    }
+  }
+
+  static constexpr size_t kCacheLine = 64;
+
+  py::list params_;  // keeps the parameters, and so the pointers below, alive
+  std::vector<const c10::TensorImpl*> tensors_;
+  std::vector<const torch::autograd::AutogradMeta*> owners_;
   py::list with_grads_;
   std::vector<GradSignature> signatures_;
   std::unique_ptr<gradstats::DevicePlan> plan_;

@@ -146,7 +146,8 @@ def test_every_change_re_plans_and_stays_bitwise(change):
     functional = twin(planned)
     got = plan.clip_grad_norm_(0.5)
     want = gradstats.clip_grad_norm_(functional, 0.5)
-    assert plan.builds == 2
+    # A transpose in place keeps the memory and the set of elements, all that the plan reads.
+    assert plan.builds == (1 if change == "transposed" else 2)
     assert torch.equal(got, want)
     assert_same_grads(planned, functional)
     want_with = [p for p in planned if p.grad is not None]
