@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,14 @@ def test_gradstats_archs_override_an_old_torch_arch_list(setup_py, tmp_path, mon
 def test_an_old_toolkit_stops_the_build(setup_py, tmp_path):
     with pytest.raises(SystemExit, match=r"release 11\.8.*nvcc >= 12\.1"):
         setup_py.decide_cuda_archs(fake_toolkit(tmp_path, "11.8"))
+
+
+def test_build_isolation_stops_with_the_command_to_use(setup_py, monkeypatch):
+    """Plain `pip install .` runs setup.py where torch cannot be imported: one clear message."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as in isolation
+    with pytest.raises(SystemExit, match=r"pip install --no-build-isolation \."):
+        setup_py.import_torch()
+
+
+def test_the_isolation_check_can_pass(setup_py):
+    assert setup_py.import_torch().__version__

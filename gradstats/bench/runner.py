@@ -121,7 +121,8 @@ class Runner:
         used = sorted(self.repeats_used) or [0]
         repeats = str(c.repeats) if c.repeats else f"{used[0]}-{used[-1]} (fitted to the row time)"
         summary = (
-            f"Median of {repeats} repeats after {c.warmup} warm-up calls, per side, interleaved "
+            f"Median of {repeats} repeats after {c.warmup} warm-up calls (and at least one on "
+            "every copy, so that one-time costs stay out), per side, interleaved "
             f"in one process ({timing}); inputs rotate over copies spanning >= {FLUSH_CACHES}x "
             f"the {self.cache_bytes // MIB} MiB last-level cache (or, for sets that would need "
             f"more than {MAX_SLOTS} copies, an untimed sweep of that size after each call); "
