@@ -37,11 +37,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradstats
+from gradstats.bench.reads import counting_host_reads
 
 IN, HIDDEN, MIDDLE, OUT = 512, 1024, 512, 10
 MAX_NORM = 1.0
 WARMUP_STEPS = 10
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
 def make_model() -> nn.Module:
@@ -86,25 +86,10 @@ def make_step(name: str, base: nn.Module, device: str, batch: int) -> Callable[[
 
 
 def host_reads_per_step(step: Callable[[], None], steps: int) -> float:
-    counts = dict.fromkeys(HOST_READS, 0)
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counted(name):
-        def read(self, *args, **kwargs):
-            counts[name] += 1
-            return saved[name](self, *args, **kwargs)
-
-        return read
-
-    try:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, counted(name))
+    with counting_host_reads() as counts:
         for _ in range(steps):
             step()
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-    return sum(counts.values()) / steps
+    return counts.total() / steps
 
 
 class _OpCounter(TorchDispatchMode):

@@ -14,13 +14,12 @@ from torch import nn
 
 import gradstats
 from gradstats import GradMonitor
+from gradstats.bench.reads import replaced_host_reads
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAN = float("nan")
 # Relative tolerance of numbers read back from the float64 ring buffers against the test's own.
 RTOL = 1e-6
-# Tensor methods that copy a value to the host (and, on a GPU, wait for the device).
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
 def small_mlp(device: str = "cpu") -> nn.Sequential:
@@ -55,41 +54,14 @@ def load_example(name: str):
 def host_reads_forbidden() -> Iterator[None]:
     """Any copy of a tensor value to the host raises while this is active."""
 
-    def forbidden(name):
-        def read(*args, **kwargs):
+    def forbidden(name, method):
+        def read(self, *args, **kwargs):
             raise AssertionError(f"Tensor.{name}() read a value back to the host")
 
         return read
 
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    try:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, forbidden(name))
+    with replaced_host_reads(forbidden):
         yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-@contextlib.contextmanager
-def counting_host_reads() -> Iterator[dict[str, int]]:
-    counts = dict.fromkeys(HOST_READS, 0)
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counted(name):
-        def read(self, *args, **kwargs):
-            counts[name] += 1
-            return saved[name](self, *args, **kwargs)
-
-        return read
-
-    try:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, counted(name))
-        yield counts
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 def train_regression(

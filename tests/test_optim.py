@@ -16,6 +16,7 @@ from helpers import DEVICES
 from torch import nn
 
 import gradstats
+from gradstats.bench.reads import counting_host_reads
 from gradstats.optim import STATE_KEY
 
 STEPS = 24
@@ -832,26 +833,12 @@ def test_compiled_train_step(opt_name):
 
 # --- host reads: which paths synchronise ----------------------------------------------------------
 
-HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
-
 
 @pytest.fixture
-def count_host_reads(monkeypatch):
+def count_host_reads():
     """Counts every tensor-to-Python read (the calls that synchronise on a GPU), by anyone."""
-    counter = {"reads": 0}
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            counter["reads"] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    return counter
+    with counting_host_reads() as counts:
+        yield counts
 
 
 # Inner optimizers that read nothing back themselves on the CPU (torch's foreach Adam reads its
@@ -866,9 +853,9 @@ def test_the_read_free_inner_optimizers_read_nothing(count_host_reads):
         for batch in make_batches("cpu", steps=2):
             inner.zero_grad()
             backward(model, batch)
-            count_host_reads["reads"] = 0
+            count_host_reads.clear()
             inner.step()
-            assert count_host_reads["reads"] == 0, name
+            assert count_host_reads.total() == 0, name
 
 
 def test_the_read_counter_can_fail(count_host_reads):
@@ -877,7 +864,7 @@ def test_the_read_counter_can_fail(count_host_reads):
     inner = OPTIMIZERS["adamw-foreach"](model.parameters())
     backward(model, make_batches("cpu", steps=1)[0])
     inner.step()
-    assert count_host_reads["reads"] > 0
+    assert count_host_reads.total() > 0
 
 
 @pytest.mark.parametrize(
@@ -905,9 +892,9 @@ def test_host_reads_per_path(count_host_reads, opt_name, policy, reads_first, re
     for i, batch in enumerate(make_batches("cpu", steps=CLIP_EVERY * 2)):
         opt.zero_grad()
         backward(model, batch, poison if i == CLIP_EVERY else None)
-        count_host_reads["reads"] = 0
+        count_host_reads.clear()
         opt.step()
-        reads.append(count_host_reads["reads"])
+        reads.append(count_host_reads.total())
     assert reads == [reads_first] + [reads_later] * (len(reads) - 1)
 
 

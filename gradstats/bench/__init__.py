@@ -11,6 +11,7 @@ Uses only gradstats' public API (gradstats.__all__), as a user's script would.
 - report: the JSON file, the markdown table and the progress line
 - plot: the PNG of --plot (needs matplotlib)
 - env: the machine, the versions and the build
+- reads: counting (or forbidding) the copies of tensor values to the host
 """
 
 from gradstats.bench.cli import DESCRIPTION, EXIT_ERROR, EXIT_NO_PLOT, add_arguments, main, run
