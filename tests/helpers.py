@@ -91,3 +91,14 @@ def child_env() -> dict[str, str]:
     here = str(Path(gradstats.__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
+
+
+def equal_bitwise(a, b) -> bool:
+    """The same nested state (tensors, dicts, lists, tuples, plain values), tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal_bitwise(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal_bitwise(x, y) for x, y in zip(a, b))
+    return a == b

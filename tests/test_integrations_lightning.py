@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import equal_bitwise
 
 pl = pytest.importorskip(
     "lightning.pytorch", reason="needs lightning (pip install 'gradstats[lightning]')"
@@ -110,16 +111,6 @@ def _snapshot(pl_module, trainer):
         {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
         copy.deepcopy(optimizer_state),
     )
-
-
-def _equal_bitwise(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal_bitwise(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_bitwise(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def fit(tmp_path, callbacks=(), module=None, ckpt_path=None, **trainer_args):
@@ -234,7 +225,7 @@ def test_nan_step_is_skipped_without_a_scheduler_step(tmp_path, optimizer):
     probe = Probe(watch_step=NAN_STEP)
     callback = GradStatsCallback(max_norm=MAX_NORM)
     trainer, _ = fit(tmp_path, [callback, probe], module=module)
-    assert _equal_bitwise(probe.before, probe.after), "weights or optimizer state changed"
+    assert equal_bitwise(probe.before, probe.after), "weights or optimizer state changed"
     assert all(torch.isfinite(p).all() for p in module.parameters())
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == STEPS - 1
@@ -359,7 +350,7 @@ def test_resume_from_checkpoint_gives_the_same_run(tmp_path, with_optimizer):
     _, whole, whole_probe = run(tmp_path / "whole")
     checkpoint = tmp_path / "whole" / f"epoch=0-step={BATCHES}.ckpt"
     trainer, resumed, resumed_probe = run(tmp_path / "resumed", ckpt_path=str(checkpoint))
-    assert _equal_bitwise(whole.state_dict(), resumed.state_dict())
+    assert equal_bitwise(whole.state_dict(), resumed.state_dict())
     assert resumed_probe.losses == whole_probe.losses[BATCHES:]
     assert resumed_probe.lrs == whole_probe.lrs[BATCHES:]
     if not with_optimizer:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import equal_bitwise
 
 transformers = pytest.importorskip(
     "transformers", reason="needs transformers (pip install 'gradstats[transformers]')"
@@ -97,16 +98,6 @@ def _same_numbers(a, b):
     return len(a) == len(b) and all(
         x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b)
     )
-
-
-def _equal_bitwise(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal_bitwise(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_bitwise(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def train(tmp_path, callbacks=(), nan_steps=(), resume=None, **overrides):
@@ -229,7 +220,7 @@ def test_nan_step_is_skipped_without_a_scheduler_step(tmp_path):
     callback = GradStatsCallback()
     trainer = train(tmp_path, callbacks=[callback], nan_steps=[NAN_STEP])
     probe = nan_probe(trainer)
-    assert _equal_bitwise(probe.before, probe.after), "weights or optimizer state changed"
+    assert equal_bitwise(probe.before, probe.after), "weights or optimizer state changed"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     # LambdaLR counts its steps in last_epoch: one fewer than the optimizer steps.
     assert trainer.lr_scheduler.last_epoch == STEPS - 1
@@ -289,10 +280,10 @@ def test_fp16_grad_scaler_is_updated_on_a_skipped_step(tmp_path):
         assert not step(1.0)
         before = _snapshot(model, inner)
         assert step(math.nan)
-        assert _equal_bitwise(before, _snapshot(model, inner))
+        assert equal_bitwise(before, _snapshot(model, inner))
         assert scaler.get_scale() == 512.0
         assert not step(1.0)  # the scaler is usable again, the skipped flag cleared
-        assert not _equal_bitwise(before, _snapshot(model, inner))
+        assert not equal_bitwise(before, _snapshot(model, inner))
     finally:
         callback.on_train_end(args, state, control, **events)
     assert callback.skipped_steps == 1
@@ -392,7 +383,7 @@ def test_resume_from_checkpoint_gives_the_same_run(tmp_path, with_optimizer):
     whole = run(tmp_path / "whole")
     # The uninterrupted run wrote checkpoint-12 on its way; a run stopped there had the same.
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / f"checkpoint-{half}"))
-    assert _equal_bitwise(weights(whole), weights(resumed))
+    assert equal_bitwise(weights(whole), weights(resumed))
     keys = ["loss", "grad_norm", "learning_rate"]
     if not with_optimizer:
         keys += ["grad_nan_count", "grad_inf_count", "skipped_steps"]
