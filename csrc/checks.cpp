@@ -19,6 +19,8 @@ const std::vector<std::pair<const char*, const char*>>& argument_messages() {
        "torch.linalg.vector_norm), inf or -inf, but not NaN"},
       {"max_norm", "max_norm must be a non-negative number (or inf)"},
       {"on_nonfinite", "the op's on_nonfinite must be 'propagate', 'skip' or 'zero'"},
+      {"dtype", "expected float64, float32, float16 or bfloat16"},
+      {"complex", "complex64/complex128 are read through their real view"},
   };
   return table;
 }
@@ -30,6 +32,11 @@ const char* message(const char* key) {
     if (std::string(k) == key) return text;
   }
   TORCH_INTERNAL_ASSERT(false, "no message for ", key);
+}
+
+// The element types the kernels read (message "dtype").
+bool supported_dtype(at::ScalarType type) {
+  return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
 }  // namespace
@@ -60,11 +67,8 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
     // The conjugate bit changes no norm, count or real scale factor: read the memory as it is.
     at::Tensor real = t.is_complex() ? at::view_as_real(t.is_conj() ? t.conj() : t) : t;
     const auto type = real.scalar_type();
-    TORCH_CHECK(
-        type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
-        "gradstats.", op, ": tensor ", i, " has dtype ", t.scalar_type(),
-        "; expected float64, float32, float16 or bfloat16 (complex64/complex128 are read "
-        "through their real view)");
+    TORCH_CHECK(supported_dtype(type), "gradstats.", op, ": tensor ", i, " has dtype ",
+                t.scalar_type(), "; ", message("dtype"), " (", message("complex"), ")");
     if (write) {
       TORCH_CHECK(at::has_internal_overlap(real) != at::MemOverlap::Yes, "gradstats.", op,
                   ": tensor ", i, " (sizes ", real.sizes(), ", strides ", real.strides(),
@@ -187,10 +191,8 @@ FeatureInput prepare_feature_input(const at::Tensor& input, int64_t dim) {
               input.layout(),
               "; expected a dense (strided) tensor (pass the values of a sparse one)");
   const auto type = input.scalar_type();
-  TORCH_CHECK(
-      type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
-      "gradstats.feature_stats: the input has dtype ", type,
-      "; expected float64, float32, float16 or bfloat16");
+  TORCH_CHECK(supported_dtype(type), "gradstats.feature_stats: the input has dtype ", type, "; ",
+              message("dtype"));
   const int64_t ndim = input.dim();
   TORCH_CHECK(ndim >= 1,
               "gradstats.feature_stats: the input is 0-dim; expected at least one "

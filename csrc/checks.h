@@ -15,8 +15,9 @@
 
 namespace gradstats {
 
-// The messages of the scalar argument checks, by argument: the ops raise "gradstats: <text>; got
-// <value>", and the Python API and the fakes raise the same from this table (gradstats._C).
+// The messages of the argument checks, by key: the ops raise "gradstats: <text>; got <value>" for a
+// scalar argument and name the dtypes they take, and the Python API and the fakes raise the same
+// from this table (gradstats._C).
 const std::vector<std::pair<const char*, const char*>>& argument_messages();
 
 // The validated inputs of one call: complex tensors replaced by their real views.

@@ -200,6 +200,8 @@ class GradPlan {
 
   // The scale op on the planned gradients.
   void scale(const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite) {
+    // Nothing to zero and a CPU coefficient >= 1: no gradient changes, none need be gathered.
+    if (!zero_nonfinite && cpu_coef_at_least_one(coef).value_or(false)) return;
     refresh();
     TORCH_CHECK(plan_, "gradstats: GradPlan.scale on gradients that are not planned");
     std::vector<at::Tensor> grads;

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import torch
@@ -81,6 +81,12 @@ class GradStats:
         on_nonfinite="skip" skips and "error" raises on. The norm alone can be Inf for finite
         gradients, when it exceeds the float32 range (3.4e38)."""
         return (self.nonfinite_count > 0) | ~torch.isfinite(self.total_norm)
+
+    def trimmed(self, with_clip_coef: bool, per_tensor: bool) -> GradStats:
+        """These statistics without the coefficient and/or the per-tensor norms (grad_stats'
+        max_norm=None, per_tensor=False)."""
+        coef = self.clip_coef if with_clip_coef else None
+        return replace(self, clip_coef=coef, norms=self.norms if per_tensor else None)
 
     @property
     def nan_counts(self) -> Tensor:
@@ -171,8 +177,17 @@ def clip_arguments(
 ) -> tuple[str, float, float]:
     """clip_grad_norm_'s arguments, checked: (the policy, p, max_norm). error_if_nonfinite=True
     makes the policy "error"."""
-    policy = "error" if error_if_nonfinite else check_on_nonfinite(on_nonfinite)
-    return policy, check_norm_type(norm_type), check_max_norm(max_norm)
+    policy = check_on_nonfinite(on_nonfinite)
+    return (
+        "error" if error_if_nonfinite else policy,
+        check_norm_type(norm_type),
+        check_max_norm(max_norm),
+    )
+
+
+def stats_arguments(norm_type: float | str, max_norm: float | None) -> tuple[float, float]:
+    """grad_stats' arguments, checked: (p, the limit: inf without max_norm)."""
+    return check_norm_type(norm_type), math.inf if max_norm is None else check_max_norm(max_norm)
 
 
 def kernel_policy(on_nonfinite: str) -> str:
@@ -195,6 +210,24 @@ def clip_coef(total_norm: Tensor, max_norm: float | Tensor, skip: Tensor | None 
     if skip is None:
         return coef
     return torch.where(skip, torch.ones_like(coef), coef)
+
+
+def narrowed_stats(
+    exact_total: Tensor,
+    norms: Tensor | None,
+    counts: Tensor,
+    norm_type: float,
+    dtype: torch.dtype,
+    max_norm: float | Tensor,
+    skips: bool,
+) -> GradStats:
+    """Statistics whose total was combined in float64 (over devices or ranks, or with a loss
+    scale taken out), narrowed to the norm dtype: the coefficient comes from the exact total, and
+    is 1 where skips and any_nonfinite (what on_nonfinite="skip" skips)."""
+    narrow_norms = None if norms is None else norms.to(dtype)
+    st = GradStats(exact_total.to(dtype), None, narrow_norms, counts, norm_type)
+    skip = st.any_nonfinite if skips else None
+    return replace(st, clip_coef=clip_coef(exact_total, max_norm, skip).to(dtype))
 
 
 # ----------------------------------------------------------------------- tensors and devices
@@ -293,12 +326,7 @@ def local_stats(
         device_totals.append(total.to(first))
     exact = norm_of_norms(torch.stack(device_totals), norm_type)
     dtype = ops.norm_dtype(tensors, wide)
-    total = exact.to(dtype)
-    skip = None
-    if on_nonfinite == "skip":
-        skip = (counts[NONFINITE_ROW, -1] > 0) | ~torch.isfinite(total)
-    coef = clip_coef(exact, max_norm, skip).to(dtype)
-    return GradStats(total, coef, norms.to(dtype), counts, norm_type)
+    return narrowed_stats(exact, norms, counts, norm_type, dtype, max_norm, on_nonfinite == "skip")
 
 
 def norm_of_norms(norms: Tensor, norm_type: float) -> Tensor:

@@ -58,10 +58,10 @@ from gradstats._core import (
     NAN_ROW,
     NONFINITE_ROW,
     GradStats,
-    clip_coef,
     distributed_active,
     local_stats,
     local_tensors,
+    narrowed_stats,
     norm_of_norms,
 )
 
@@ -144,7 +144,7 @@ def statistics(
         return local_stats(tensors, norm_type, max_norm, on_nonfinite, wide)
     check_process_group(process_group)
     items = list(tensors)
-    meshes = _meshes(items) if distributed_active() else []
+    meshes = _meshes(items)
     if not meshes and process_group is None:
         return local_stats(items, norm_type, max_norm, on_nonfinite, wide)
     if not norm_type > 0:
@@ -158,7 +158,7 @@ def statistics(
     items = [_summed(t) for t in items]
     reductions, replicated = _layout(items)
     shards = local_tensors(items)
-    dtype = ops.norm_dtype(shards, wide) if shards else ops.norm_dtype([], wide)
+    dtype = ops.norm_dtype(shards, wide)
     local = _local_stats(shards, norm_type, on_nonfinite, process_group)
     n = local.norms.numel()
 
@@ -196,13 +196,8 @@ def statistics(
     if on_nonfinite != "zero":
         total = _as_reported(total, counts[:, -1])
         norms = _as_reported(norms, counts[:, :-1])
-    total_norm = total.to(dtype)
-    skip = None
-    if on_nonfinite == "skip":
-        skip = (counts[NONFINITE_ROW, -1] > 0) | ~torch.isfinite(total_norm)
-    coef = clip_coef(total, max_norm, skip).to(dtype)
-    norms = norms.to(dtype) if per_tensor else None
-    return GradStats(total_norm, coef, norms, counts, norm_type)
+    norms = norms if per_tensor else None
+    return narrowed_stats(total, norms, counts, norm_type, dtype, max_norm, on_nonfinite == "skip")
 
 
 def _local_stats(

@@ -21,7 +21,7 @@ MESSAGES: dict[str, str] = _C.argument_messages()
 
 OP_NAMES = ("stats", "scale_", "feature_stats")
 POLICIES = ("propagate", "skip", "zero")
-_SUPPORTED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def collect_grads(parameters: Sequence[Tensor]) -> list[Tensor]:
@@ -113,10 +113,10 @@ def _check_tensors(tensors, op: str) -> None:
     torch._check(len(tensors) > 0, lambda: f"gradstats.{op}: got an empty list of tensors")
     for i, t in enumerate(tensors):
         torch._check(
-            _real_dtype(t) in _SUPPORTED,
+            _real_dtype(t) in SUPPORTED_DTYPES,
             lambda i=i, t=t: (
-                f"gradstats.{op}: tensor {i} has dtype {t.dtype}; expected float64, "
-                "float32, float16 or bfloat16"
+                f"gradstats.{op}: tensor {i} has dtype {t.dtype}; {MESSAGES['dtype']} "
+                f"({MESSAGES['complex']})"
             ),
         )
         torch._check(
@@ -204,11 +204,8 @@ def feature_stats(input: Tensor, dim: int) -> Tensor:
 @torch.library.register_fake("gradstats::feature_stats")
 def _feature_stats_fake(input, dim):
     torch._check(
-        input.dtype in _SUPPORTED,
-        lambda: (
-            f"gradstats.feature_stats: the input has dtype {input.dtype}; expected float64, "
-            "float32, float16 or bfloat16"
-        ),
+        input.dtype in SUPPORTED_DTYPES,
+        lambda: f"gradstats.feature_stats: the input has dtype {input.dtype}; {MESSAGES['dtype']}",
     )
     torch._check(input.dim() >= 1, lambda: "gradstats.feature_stats: the input is 0-dim")
     torch._check(

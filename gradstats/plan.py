@@ -16,7 +16,6 @@ functional path (the same results, without the cache).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,10 +27,10 @@ from gradstats._core import (
     TensorOrTensors,
     apply_clip,
     as_tensor_list,
-    check_max_norm,
-    check_norm_type,
     clip_arguments,
+    kernel_policy,
     raise_if_nonfinite,
+    stats_arguments,
 )
 from gradstats.clip import clip_grad_norm_
 from gradstats.distributed import statistics
@@ -109,8 +108,6 @@ class GradPlan:
     def apply_clip(self, coef: Tensor, zero_counts: Tensor | None = None) -> None:
         """_core.apply_clip of the gradients, from the plan when it serves them."""
         if self._native_ok(None) and self._native.planned():
-            if zero_counts is None and ops.nothing_to_clip_on_cpu(coef):
-                return
             self._native.scale(coef, zero_counts)
             return
         apply_clip(self.grads(), coef, zero_counts)
@@ -130,17 +127,15 @@ class GradPlan:
         call (two with "error", whose raise comes between them)."""
         policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
         if self._native_ok(process_group):
-            if policy != "error":
-                out = ops.plan_stats(self._native, p, limit, policy, False, True)
-                if out is not None:
-                    return GradStats(*out, p) if return_stats else out[0]
-            else:
-                out = ops.plan_stats(self._native, p, limit, "propagate", False, False)
-                if out is not None:
-                    st = GradStats(*out, p)
+            # "error" raises between the statistics and the clip; the others clip in the same call.
+            clip_now = policy != "error"
+            out = ops.plan_stats(self._native, p, limit, kernel_policy(policy), False, clip_now)
+            if out is not None:
+                st = GradStats(*out, p)
+                if not clip_now:
                     raise_if_nonfinite(st, self.grads(), p, norm_only=error_if_nonfinite)
                     self.apply_clip(st.clip_coef)
-                    return st if return_stats else st.total_norm
+                return st if return_stats else st.total_norm
         return clip_grad_norm_(
             self._params,
             max_norm,
@@ -161,14 +156,11 @@ class GradPlan:
         process_group: ProcessGroup | None = None,
     ) -> GradStats:
         """gradstats.grad_stats of the parameters' gradients."""
-        p = check_norm_type(norm_type)
-        limit = math.inf if max_norm is None else check_max_norm(max_norm)
+        p, limit = stats_arguments(norm_type, max_norm)
         if self._native_ok(process_group):
             out = ops.plan_stats(self._native, p, limit, "propagate", False, False)
             if out is not None:
-                total, coef, norms, counts = out
-                coef = None if max_norm is None else coef
-                return GradStats(total, coef, norms if per_tensor else None, counts, p)
+                return GradStats(*out, p).trimmed(max_norm is not None, per_tensor)
         return grad_stats(
             self._params, norm_type, max_norm, per_tensor, process_group=process_group
         )

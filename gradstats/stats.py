@@ -14,9 +14,8 @@ from gradstats._core import (
     GradStats,
     TensorOrTensors,
     as_tensor_list,
-    check_max_norm,
-    check_norm_type,
     empty_stats,
+    stats_arguments,
 )
 from gradstats.distributed import statistics
 
@@ -44,18 +43,11 @@ def grad_stats(
     """
     items = as_tensor_list(parameters_or_tensors)
     tensors = ops.grads_or_tensors(items)
-    p = check_norm_type(norm_type)
-    limit = math.inf if max_norm is None else check_max_norm(max_norm)
+    p, limit = stats_arguments(norm_type, max_norm)
     if not tensors and process_group is None:
         return empty_stats(p, max_norm is not None, per_tensor)
     st = statistics(tensors, p, limit, "propagate", process_group, per_tensor)
-    return GradStats(
-        st.total_norm,
-        None if max_norm is None else st.clip_coef,
-        st.norms if per_tensor else None,
-        st.counts,
-        p,
-    )
+    return st.trimmed(max_norm is not None, per_tensor)
 
 
 def count_nonfinite(tensors: TensorOrTensors) -> Tensor:

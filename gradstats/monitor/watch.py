@@ -9,6 +9,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from gradstats import ops
 from gradstats.monitor.report import NAMED_AT_MOST
 
 WatchModules = Union[str, Sequence[Union[str, nn.Module]], None]
@@ -20,10 +21,10 @@ _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.spars
 # Distinct inputs and outputs watched at most: names come from the data (dict keys of the inputs),
 # and a stream of new keys must not grow the buffers without bound.
 MAX_SITES = 1024
-# Per-feature statistics: "auto" feature dimension by number of dimensions, the dtypes the op reads,
-# and the most features an input may have (its ring holds window x 7 x F float64).
+# Per-feature statistics: "auto" feature dimension by number of dimensions (the op reads the
+# dtypes of ops.SUPPORTED_DTYPES), and the most features an input may have (its ring holds
+# window x 7 x F float64).
 _AUTO_FEATURE_DIM = {2: -1, 3: -1, 4: 1, 5: 1}
-_FEATURE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 MAX_FEATURES = 1024
 # An error caught in a hook is quoted up to this many characters in the report.
 _ERROR_CHARS = 160
@@ -144,7 +145,7 @@ def feature_dim(t: Tensor, setting: int | str | None) -> int | None:
     """The dimension of t that holds its features, or None when per-feature statistics do not
     apply: "auto" takes the last dimension of tabular [batch, features] and sequence [batch, time,
     features] inputs and the channels of images ([N, C, H, W], [N, C, D, H, W]); an int names it."""
-    if setting is None or t.dtype not in _FEATURE_DTYPES or t.layout != torch.strided:
+    if setting is None or t.dtype not in ops.SUPPORTED_DTYPES or t.layout != torch.strided:
         return None
     if setting == "auto":
         return _AUTO_FEATURE_DIM.get(t.dim())

@@ -56,7 +56,7 @@ def step_with_grad_scale(
     optimizer.grad_scale = grad_scale
     optimizer.found_inf = found_inf
     try:
-        optimizer.step() if closure is None else optimizer.step(closure)
+        inner_step(optimizer, closure)
     finally:
         del optimizer.grad_scale
         del optimizer.found_inf

@@ -42,6 +42,7 @@ from gradstats._core import (
     check_on_nonfinite,
     clip_coef,
     kernel_policy,
+    narrowed_stats,
     nonfinite_report,
 )
 from gradstats.distributed import check_process_group
@@ -315,10 +316,8 @@ class ClipGradOptimizer(Optimizer):
         adaptive = self.adaptive
         threshold = self._max_norm if adaptive is None else adaptive.threshold(total.device)
         dtype = plan.norm_dtype()
-        narrow = total.to(dtype)
-        skip = (st.nonfinite_count > 0) | ~torch.isfinite(narrow) if mode.skips else None
-        coef = clip_coef(total, threshold, skip).to(dtype)
-        return GradStats(narrow, coef, norms.to(dtype), st.counts, st.norm_type), threshold
+        narrow = narrowed_stats(total, norms, st.counts, st.norm_type, dtype, threshold, mode.skips)
+        return narrow, threshold
 
     def _clip_and_step(self, closure: Callable[[], Any] | None) -> None:
         plan = self._plan()
