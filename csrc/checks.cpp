@@ -158,8 +158,8 @@ at::ScalarType norm_dtype(const std::vector<at::Tensor>& tensors, bool wide) {
   return at::kFloat;
 }
 
-StatsOutputs allocate_stats_outputs(const at::Tensor& like, int64_t n, at::ScalarType dtype) {
-  const auto opts = like.options().dtype(dtype);
+StatsOutputs allocate_stats_outputs(c10::Device device, int64_t n, at::ScalarType dtype) {
+  const auto opts = at::TensorOptions().device(device).dtype(dtype);
   return StatsOutputs{at::empty({}, opts), at::empty({}, opts), at::empty({n}, opts),
                       at::empty({kCountRows, n + 1}, opts.dtype(at::kLong))};
 }

@@ -58,8 +58,8 @@ struct StatsOutputs {
   at::Tensor counts;      // int64 [kCountRows, n + 1] (partial.h); column n holds the totals
 };
 
-// The stats op's outputs for n tensors like `like`, norms and coefficient in `dtype`.
-StatsOutputs allocate_stats_outputs(const at::Tensor& like, int64_t n, at::ScalarType dtype);
+// The stats op's outputs for n tensors on `device`, norms and coefficient in `dtype`.
+StatsOutputs allocate_stats_outputs(c10::Device device, int64_t n, at::ScalarType dtype);
 
 // Checks scale_'s coefficient (one floating value on the tensors' device) and its optional
 // per-tensor non-finite counts (int64 [n], same device). Returns the counts, if given.

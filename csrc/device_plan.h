@@ -20,9 +20,19 @@ class DevicePlan {
  public:
   explicit DevicePlan(std::vector<at::Tensor> tensors)
       : tensors_(std::move(tensors)),
+        device_(tensors_[0].device()),
+        count_(static_cast<int64_t>(tensors_.size())),
         narrow_dtype_(norm_dtype(tensors_, /*wide=*/false)),
         unwalkable_(unwalkable(tensors_)) {}
   virtual ~DevicePlan() = default;
+  // Lets go of the tensors, for a plan kept between calls (a GradPlan's): the plan itself holds
+  // their addresses and layouts, and its owner makes sure they are unchanged and alive at each
+  // call. Holding them would keep a step's gradients in memory after zero_grad(set_to_none=True).
+  // Only for tensors the kernels walk: scale_unwalkable needs the tensors themselves.
+  void release_tensors() {
+    TORCH_CHECK(unwalkable_.empty(), "gradstats: a plan with unwalkable tensors must keep them");
+    tensors_.clear();
+  }
   // The stats op on the plan's tensors (arguments already parsed).
   virtual StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const = 0;
   // The scale_ op on the plan's tensors (coef and counts already checked by check_scale_args).
@@ -31,11 +41,12 @@ class DevicePlan {
 
  protected:
   StatsOutputs allocate(bool wide) const {
-    return allocate_stats_outputs(tensors_[0], static_cast<int64_t>(tensors_.size()),
-                                  wide ? at::kDouble : narrow_dtype_);
+    return allocate_stats_outputs(device_, count_, wide ? at::kDouble : narrow_dtype_);
   }
 
-  std::vector<at::Tensor> tensors_;  // kept alive: the device's plan points into them
+  std::vector<at::Tensor> tensors_;  // alive while the plan is used, unless released
+  c10::Device device_;
+  int64_t count_;                    // tensors in the list
   at::ScalarType narrow_dtype_;      // of the norms when not wide (norm_dtype)
   std::vector<int64_t> unwalkable_;  // positions scale_unwalkable takes care of
 };

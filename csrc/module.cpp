@@ -88,20 +88,29 @@ std::optional<bool> cpu_coef_at_least_one(const at::Tensor& coef) {
 // What a parameter's gradient was when a GradPlan was built: a plan stays valid while each
 // gradient is the same tensor, on the same memory (storage and offset), with the same element count
 // and dtype (reassigning .data, resize_ or set_ change one of those; a transpose in place keeps the
-// set of elements, which is all that norms and a scale depend on). Two cache lines per gradient.
+// set of elements, which is all that norms and a scale depend on). The signature holds weak
+// references: they keep the two addresses from being reused by another tensor or storage (so that
+// equal addresses mean the same objects) without keeping the gradient's memory alive.
 struct GradSignature {
   const c10::TensorImpl* impl = nullptr;  // null: no gradient
   const c10::StorageImpl* storage = nullptr;
   int64_t offset = 0;
   int64_t numel = 0;
   caffe2::TypeMeta dtype;
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl_ref{
+      c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage_ref{c10::intrusive_ptr<c10::StorageImpl>()};
 
-  explicit GradSignature(const c10::TensorImpl* g) : impl(g) {
-    if (g == nullptr) return;
-    storage = g->unsafe_storage().unsafeGetStorageImpl();
-    offset = g->storage_offset();
-    numel = g->numel();
-    dtype = g->dtype();
+  explicit GradSignature(const at::Tensor& g) {
+    if (!g.defined()) return;
+    impl = g.unsafeGetTensorImpl();
+    storage = g.storage().unsafeGetStorageImpl();
+    offset = g.storage_offset();
+    numel = g.numel();
+    dtype = g.dtype();
+    impl_ref =
+        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(g.getIntrusivePtr());
+    storage_ref = g.storage().getWeakStorageImpl();
   }
 
   bool matches(const c10::TensorImpl* g) const {
@@ -223,7 +232,7 @@ class GradPlan {
       const at::Tensor& param = THPVariable_Unpack(item.ptr());
       owners_[index++] = grad_owner(param);  // made when the tensor first required grad
       const at::Tensor& g = param.grad();
-      signatures_.emplace_back(g.defined() ? g.unsafeGetTensorImpl() : nullptr);
+      signatures_.emplace_back(g);
       if (!g.defined()) continue;
       ok = ok && plannable(g, grads.empty() ? g.device() : grads[0].device());
       with_grads_.append(item);
@@ -235,6 +244,7 @@ class GradPlan {
       std::vector<at::Tensor> prepared = gradstats::prepare_tensors(grads, "GradPlan", true);
       wide_norms_ = gradstats::norm_dtype(prepared, /*wide=*/false) == at::kDouble;
       plan_ = gradstats::make_device_plan(std::move(prepared));
+      plan_->release_tensors();  // the signatures and the parameters stand for them
     }
     built_ = true;
     ++builds_;

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -105,6 +107,26 @@ def test_a_steady_training_loop_plans_once():
         plan.clip_grad_norm_(1.0)
         opt.step()
     assert plan.builds == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_plan_keeps_a_step_s_gradients_alive(device):
+    """zero_grad(set_to_none=True) frees the gradients, with a GradPlan and a ClipGradOptimizer
+    (which plans its parameters) as without; a reference held elsewhere keeps them, the control."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).to(device)
+    opt = gradstats.ClipGradOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0)
+    plan = gradstats.GradPlan(model.parameters())
+    for step in range(3):
+        model(torch.randn(4, 64, device=device)).sum().backward()
+        plan.clip_grad_norm_(1.0)
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        held = model[0].weight.grad if step == 2 else None
+        opt.zero_grad()
+        gc.collect()
+        alive = [r() is not None for r in grads]
+        assert alive == [held is not None] + [False] * (len(grads) - 1), step
+    assert plan.builds == 3
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ class CpuPlan final : public DevicePlan {
     // Reused from call to call (a GradPlan calls its plan every step, with the GIL held): a fresh
     // vector of a Partial per tensor would cost its allocation and page faults each time.
     std::vector<Partial>& per_tensor = scratch_;
-    per_tensor.assign(tensors_.size(), empty_partial());
+    per_tensor.assign(count_, empty_partial());
     if (plan_.single_pieces) {
       // Every tensor in one piece (a list of small tensors): each piece's partial is its tensor's.
       for_each_piece(plan_, [&](int64_t i) {

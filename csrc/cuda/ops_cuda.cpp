@@ -76,13 +76,12 @@ struct Workspace {
   unsigned int* done_blocks;
 };
 
-Workspace make_workspace(const at::Tensor& like, int64_t chunks, int64_t tensors,
-                         int64_t launches) {
+Workspace make_workspace(c10::Device device, int64_t chunks, int64_t tensors, int64_t launches) {
   const auto partial_bytes = static_cast<int64_t>(sizeof(Partial));
   const int64_t bytes =
       (chunks + tensors) * partial_bytes + launches * static_cast<int64_t>(sizeof(unsigned int));
   Workspace ws;
-  ws.storage = at::empty({bytes}, like.options().dtype(at::kByte));
+  ws.storage = at::empty({bytes}, at::TensorOptions().device(device).dtype(at::kByte));
   auto* base = static_cast<uint8_t*>(ws.storage.data_ptr());
   ws.chunk_partials = reinterpret_cast<Partial*>(base);
   ws.tensor_partials = ws.chunk_partials + chunks;
@@ -120,11 +119,11 @@ class CudaPlan final : public DevicePlan {
   }
 
   StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const override {
-    const c10::cuda::CUDAGuard guard(tensors_[0].device());
-    const c10::DeviceIndex device = tensors_[0].device().index();
+    const c10::cuda::CUDAGuard guard(device_);
+    const c10::DeviceIndex device = device_.index();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     const StatsOutputs out = allocate(wide);
-    const auto n = static_cast<int64_t>(tensors_.size());
+    const auto n = count_;
     const auto launches = static_cast<int64_t>(plan_.launches.size());
 
     StatsArgs args{};
@@ -137,7 +136,7 @@ class CudaPlan final : public DevicePlan {
     args.spec = spec;
     args.policy = policy;
     args.out_double = out.norms.scalar_type() == at::kDouble;
-    const Workspace ws = make_workspace(tensors_[0], plan_.num_chunks, n, launches);
+    const Workspace ws = make_workspace(device_, plan_.num_chunks, n, launches);
     // The counters start at zero in every call (and every graph replay); a memset is no kernel.
     C10_CUDA_CHECK(cudaMemsetAsync(ws.done_blocks, 0, launches * sizeof(unsigned int), stream));
     args.chunk_partials = ws.chunk_partials;
@@ -152,8 +151,8 @@ class CudaPlan final : public DevicePlan {
 
   void scale(const at::Tensor& coef_tensor,
              const std::optional<at::Tensor>& zero_counts) const override {
-    const c10::cuda::CUDAGuard guard(tensors_[0].device());
-    const c10::DeviceIndex device = tensors_[0].device().index();
+    const c10::cuda::CUDAGuard guard(device_);
+    const c10::DeviceIndex device = device_.index();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     const at::Tensor coef = readable_coef(coef_tensor);
     ScaleArgs args{};
