@@ -55,6 +55,13 @@ constexpr int64_t kNonfiniteRow = 2;
 // torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing max_norm by it.
 constexpr double kClipEps = 1e-6;
 
+// A float-lane sum of squares (the fast paths of both devices) below this may have lost tiny terms
+// to underflow: each float operation errs by at most 2^-150 absolute once its result is subnormal,
+// and a row or chunk has at most 2^16 elements, so above 2^-100 the loss is below 2^-33 relative.
+// Such sums are recomputed in double unless every element is zero. A sum of |x| loses nothing:
+// |x| is exact, and so is the sum of subnormals.
+constexpr double kUnderflowGuard = 0x1p-100;
+
 // A partial sum above 2^kRescaleBits is rescaled, so that adding another (also rescaled) one can
 // never overflow a double.
 constexpr int kRescaleBits = 512;

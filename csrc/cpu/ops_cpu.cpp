@@ -122,7 +122,7 @@ Partial row_partial(const T* p, int64_t n, int64_t stride, NormSpec spec) {
   const double sum = fast_row_sum(p, n, spec.kind);
   if (!std::isfinite(sum)) return exact();
   if constexpr (!std::is_same_v<T, double>) {
-    const bool may_have_underflowed = spec.kind != NormKind::kInf && sum < kUnderflowGuard &&
+    const bool may_have_underflowed = spec.kind == NormKind::kL2 && sum < kUnderflowGuard &&
                                       fast_row_sum(p, n, NormKind::kInf) != 0.0;
     if (may_have_underflowed) return exact();
   }

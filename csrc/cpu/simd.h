@@ -59,11 +59,6 @@ constexpr int kAccs = 8;
 // the accumulators), so its relative rounding error stays below 1e-6 however long the row is.
 constexpr int64_t kFlushGroups = 32;
 
-// A float-lane sum below this may have lost tiny terms to underflow (each float operation errs by
-// at most 2^-150 absolute, a row has at most 2^16 elements): such rows are recomputed in double
-// unless they hold only zeros.
-constexpr double kUnderflowGuard = 0x1p-100;
-
 // Combines two partial results of norm kind K: sum, or max that propagates NaN (the caller relies
 // on a NaN or Inf element making the result non-finite).
 template <NormKind K, typename V>

@@ -20,12 +20,6 @@
 namespace gradstats::gpu {
 namespace {
 
-// A float-lane sum of squares below this may have lost tiny terms to underflow: each float
-// operation errs by at most 2^-150 absolute once its result is subnormal, and a chunk has at most
-// 2^16 elements, so above 2^-100 the loss is below 2^-33 relative. Such chunks are summed again in
-// double unless they hold only zeros.
-constexpr double kUnderflowGuard = 0x1p-100;
-
 // What a thread brings to the fast path's reduction: the sum of |x|^p (max |x| for inf) and, when
 // float lanes square, the largest |x| to tell an underflowed sum from a zero one.
 struct FastSum {
