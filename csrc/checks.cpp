@@ -164,10 +164,8 @@ StatsOutputs allocate_stats_outputs(c10::Device device, int64_t n, at::ScalarTyp
                       at::empty({kCountRows, n + 1}, opts.dtype(at::kLong))};
 }
 
-std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensors,
-                                           const at::Tensor& coef,
+std::optional<at::Tensor> check_scale_args(c10::Device device, int64_t n, const at::Tensor& coef,
                                            const std::optional<at::Tensor>& zero_nonfinite) {
-  const c10::Device device = tensors[0].device();
   TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
               "gradstats.scale_: coef must hold one floating-point value; got a tensor of dtype ",
               coef.scalar_type(), " and sizes ", coef.sizes());
@@ -175,11 +173,10 @@ std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensor
               " but the tensors are on ", device, "; move it with .to(", device, ")");
   if (!zero_nonfinite.has_value()) return std::nullopt;
   const at::Tensor& counts = *zero_nonfinite;
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 &&
-                  counts.size(0) == static_cast<int64_t>(tensors.size()),
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.size(0) == n,
               "gradstats.scale_: zero_nonfinite must be the per-tensor non-finite counts, int64 of "
               "shape [",
-              tensors.size(), "]; got dtype ", counts.scalar_type(), " and sizes ", counts.sizes());
+              n, "]; got dtype ", counts.scalar_type(), " and sizes ", counts.sizes());
   TORCH_CHECK(counts.device() == device, "gradstats.scale_: zero_nonfinite is on ", counts.device(),
               " but the tensors are on ", device);
   return counts;

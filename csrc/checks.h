@@ -61,10 +61,9 @@ struct StatsOutputs {
 // The stats op's outputs for n tensors on `device`, norms and coefficient in `dtype`.
 StatsOutputs allocate_stats_outputs(c10::Device device, int64_t n, at::ScalarType dtype);
 
-// Checks scale_'s coefficient (one floating value on the tensors' device) and its optional
+// Checks scale_'s coefficient (one floating value on the device of the n tensors) and its optional
 // per-tensor non-finite counts (int64 [n], same device). Returns the counts, if given.
-std::optional<at::Tensor> check_scale_args(const std::vector<at::Tensor>& tensors,
-                                           const at::Tensor& coef,
+std::optional<at::Tensor> check_scale_args(c10::Device device, int64_t n, const at::Tensor& coef,
                                            const std::optional<at::Tensor>& zero_nonfinite);
 
 // feature_stats' input, validated: its contiguous data, seen as [outer, features, inner].

@@ -38,6 +38,8 @@ class DevicePlan {
   // The scale_ op on the plan's tensors (coef and counts already checked by check_scale_args).
   virtual void scale(const at::Tensor& coef,
                      const std::optional<at::Tensor>& zero_counts) const = 0;
+  c10::Device device() const { return device_; }
+  int64_t count() const { return count_; }
 
  protected:
   StatsOutputs allocate(bool wide) const {
@@ -83,7 +85,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_op(
 inline void scale_op(at::TensorList tensor_list, const at::Tensor& coef,
                      const std::optional<at::Tensor>& zero_nonfinite) {
   std::vector<at::Tensor> tensors = prepare_tensors(tensor_list, "scale_", /*write=*/true);
-  const std::optional<at::Tensor> counts = check_scale_args(tensors, coef, zero_nonfinite);
+  const std::optional<at::Tensor> counts = check_scale_args(
+      tensors[0].device(), static_cast<int64_t>(tensors.size()), coef, zero_nonfinite);
   make_device_plan(std::move(tensors))->scale(coef, counts);
 }
 

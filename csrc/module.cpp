@@ -170,16 +170,12 @@ class GradPlan {
     return with_grads_;
   }
 
-  // Whether the gradients are planned: all on one device, every one plannable. Otherwise the
-  // Python side takes the functional path.
-  bool planned() {
+  // Whether the norms of the planned gradients are float64 (checks.h norm_dtype); None when the
+  // gradients are not planned (not all on one device, or one not plannable): the Python side
+  // then takes the functional path, as for stats and scale.
+  std::optional<bool> wide_norms() {
     refresh();
-    return plan_ != nullptr;
-  }
-
-  // Whether the norms of the planned gradients are float64 (checks.h norm_dtype).
-  bool wide_norms() {
-    refresh();
+    if (!plan_) return std::nullopt;
     return wide_norms_;
   }
 
@@ -199,25 +195,22 @@ class GradPlan {
     if (clip) {
       std::optional<at::Tensor> zero;
       if (policy == gradstats::Nonfinite::kZero) {
-        const auto n = static_cast<int64_t>(tensors_count_);
-        zero = out.counts.select(0, gradstats::kNonfiniteRow).narrow(0, 0, n);
+        zero = out.counts.select(0, gradstats::kNonfiniteRow).narrow(0, 0, plan_->count());
       }
       plan_->scale(out.clip_coef, zero);
     }
     return py::make_tuple(out.total_norm, out.clip_coef, out.norms, out.counts);
   }
 
-  // The scale op on the planned gradients.
-  void scale(const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite) {
-    // Nothing to zero and a CPU coefficient >= 1: no gradient changes, none need be gathered.
-    if (!zero_nonfinite && cpu_coef_at_least_one(coef).value_or(false)) return;
+  // The scale op on the planned gradients; false (nothing done) when they are not planned.
+  bool scale(const at::Tensor& coef, const std::optional<at::Tensor>& zero_nonfinite) {
+    // Nothing to zero and a CPU coefficient >= 1: no gradient changes, none need be looked at.
+    if (!zero_nonfinite && cpu_coef_at_least_one(coef).value_or(false)) return true;
     refresh();
-    TORCH_CHECK(plan_, "gradstats: GradPlan.scale on gradients that are not planned");
-    std::vector<at::Tensor> grads;
-    grads.reserve(tensors_count_);
-    for (const py::handle item : with_grads_)
-      grads.push_back(THPVariable_Unpack(item.ptr()).grad());
-    plan_->scale(coef, gradstats::check_scale_args(grads, coef, zero_nonfinite));
+    if (!plan_) return false;
+    plan_->scale(
+        coef, gradstats::check_scale_args(plan_->device(), plan_->count(), coef, zero_nonfinite));
+    return true;
   }
 
  private:
@@ -238,7 +231,6 @@ class GradPlan {
       with_grads_.append(item);
       grads.push_back(g);
     }
-    tensors_count_ = grads.size();
     plan_.reset();
     if (ok && !grads.empty()) {
       std::vector<at::Tensor> prepared = gradstats::prepare_tensors(grads, "GradPlan", true);
@@ -288,7 +280,6 @@ class GradPlan {
   py::list with_grads_;
   std::vector<GradSignature> signatures_;
   std::unique_ptr<gradstats::DevicePlan> plan_;
-  size_t tensors_count_ = 0;
   bool wide_norms_ = false;
   bool built_ = false;
   int64_t builds_ = 0;
@@ -308,13 +299,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& [key, text] : gradstats::argument_messages()) out[key] = text;
         return out;
       },
-      "the messages of the scalar argument checks, by argument (csrc/checks.cpp)");
+      "the messages of the argument checks, by key (csrc/checks.cpp)");
   py::class_<GradPlan>(m, "GradPlan",
                        "the native half of gradstats.GradPlan: gradients planned once, re-planned "
                        "when one changes")
       .def(py::init<py::list>())
       .def("params_with_grads", &GradPlan::params_with_grads)
-      .def("planned", &GradPlan::planned)
       .def("wide_norms", &GradPlan::wide_norms)
       .def("builds", &GradPlan::builds)
       .def("stats", &GradPlan::stats)

@@ -76,8 +76,10 @@ class GradPlan:
 
     def norm_dtype(self) -> torch.dtype:
         """The dtype of the gradients' norms (ops.norm_dtype)."""
-        if not torch.compiler.is_compiling() and self._native.planned():
-            return torch.float64 if self._native.wide_norms() else torch.float32
+        if not torch.compiler.is_compiling():
+            wide = self._native.wide_norms()
+            if wide is not None:
+                return torch.float64 if wide else torch.float32
         return ops.norm_dtype(self.grads())
 
     def grads(self) -> list[Tensor]:
@@ -107,8 +109,7 @@ class GradPlan:
 
     def apply_clip(self, coef: Tensor, zero_counts: Tensor | None = None) -> None:
         """_core.apply_clip of the gradients, from the plan when it serves them."""
-        if self._native_ok(None) and self._native.planned():
-            self._native.scale(coef, zero_counts)
+        if self._native_ok(None) and self._native.scale(coef, zero_counts):
             return
         apply_clip(self.grads(), coef, zero_counts)
 

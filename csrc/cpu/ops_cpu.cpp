@@ -199,7 +199,8 @@ class CpuPlan final : public DevicePlan {
         per_tensor[plan_.sources[piece.tensor].index] = piece_partial(plan_, piece, spec);
       });
     } else {
-      std::vector<Partial> partials(plan_.pieces.size());
+      std::vector<Partial>& partials = piece_scratch_;
+      partials.resize(plan_.pieces.size());
       for_each_piece(plan_,
                      [&](int64_t i) { partials[i] = piece_partial(plan_, plan_.pieces[i], spec); });
       for (size_t i = 0; i < plan_.pieces.size(); ++i) {
@@ -253,7 +254,8 @@ class CpuPlan final : public DevicePlan {
 
  private:
   Plan plan_;
-  mutable std::vector<Partial> scratch_;
+  mutable std::vector<Partial> scratch_;        // a partial per tensor
+  mutable std::vector<Partial> piece_scratch_;  // a partial per piece, when tensors have several
 };
 
 }  // namespace
