@@ -184,6 +184,46 @@ def test_logs_reach_lightnings_logger(tmp_path):
     assert all(r["grad_nan_count"] == "0.0" and r["skipped_steps"] == "0.0" for r in rows)
 
 
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers, of which only the second ever steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        )
+        self.automatic_optimization = False
+        self.torch_norms, self.logged = [], []
+
+    def training_step(self, batch, batch_idx):
+        _, second = self.optimizers()
+        x, y = batch
+        second.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self.net(x), y))
+        grads = [p.grad for p in self.net[2].parameters()]
+        self.torch_norms.append(torch.nn.utils.get_total_norm(grads).item())
+        second.step()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.logged.append({k: float(v) for k, v in self.trainer.callback_metrics.items()})
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+        ]
+
+
+def test_each_optimizer_s_norm_is_logged_under_its_own_index(tmp_path):
+    module = TwoOptimizers()
+    fit(tmp_path, [GradStatsCallback()], module=module, max_steps=4)
+    assert len(module.logged) == 4
+    assert all("grad_norm/0" not in h for h in module.logged), "optimizer 0 never stepped"
+    got = [h["grad_norm/1"] for h in module.logged]
+    assert got == pytest.approx(module.torch_norms, rel=1e-5)
+
+
 def count_calls(monkeypatch, module, name, calls, label=None):
     """Records label (default: name) in calls at each call of module.name. The fused pass is
     ops.stats, or ops.plan_stats when a GradPlan serves the gradients."""

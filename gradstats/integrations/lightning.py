@@ -231,11 +231,16 @@ class GradStatsCallback(pl.Callback):
             INF_KEY: inf,
             SKIPPED_KEY: self._skipped_total().to(torch.float64),
         }
-        norms = [o.last_stats.total_norm for o in self.optimizers if o.last_stats is not None]
+        # An optimizer that has not clipped yet (no gradients so far) has no norm to log.
+        norms = {
+            i: o.last_stats.total_norm
+            for i, o in enumerate(self.optimizers)
+            if o.last_stats is not None
+        }
         if len(self.optimizers) == 1:
-            values[NORM_KEY] = norms[0]
+            values.update({NORM_KEY: norm for norm in norms.values()})
         else:
-            values.update({f"{NORM_KEY}/{i}": norm for i, norm in enumerate(norms)})
+            values.update({f"{NORM_KEY}/{i}": norm for i, norm in norms.items()})
         if self._reporter is not None:
             report = self._reporter.new_report()
             values[FINDINGS_KEY] = torch.tensor(float(self._reporter.findings))
