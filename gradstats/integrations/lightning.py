@@ -238,7 +238,7 @@ class GradStatsCallback(pl.Callback):
             if o.last_stats is not None
         }
         if len(self.optimizers) == 1:
-            values.update({NORM_KEY: norm for norm in norms.values()})
+            values.update({NORM_KEY: norms[0]} if norms else {})
         else:
             values.update({f"{NORM_KEY}/{i}": norm for i, norm in norms.items()})
         if self._reporter is not None:

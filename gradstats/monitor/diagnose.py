@@ -249,12 +249,12 @@ def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     median_ratio = {int(j): float(np.median(ratio[tiny[:, j], j])) for j in flagged}
     zero = {int(j) for j in flagged if (norms[tiny[:, j], j] == 0).all()}
     where = tuple(h.names[j] for j in flagged)
-    described = ", ".join(
-        f"{h.names[j]} ({'exactly 0' if j in zero else fmt(median_ratio[j]) + ' x'})"
-        for j in flagged[:NAMED_AT_MOST]
+    described = listed(
+        [
+            f"{h.names[j]} ({'exactly 0' if j in zero else fmt(median_ratio[j]) + ' x'})"
+            for j in flagged
+        ]
     )
-    if flagged.size > NAMED_AT_MOST:
-        described += f" and {flagged.size - NAMED_AT_MOST} more"
     top = int(np.argmax(quiet_median(np.where(finite, norms, np.nan), axis=0)))
     largest_norm = float(quiet_median(largest[tiny.any(axis=1), 0]))
     message = (

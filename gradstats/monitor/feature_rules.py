@@ -10,22 +10,20 @@ from __future__ import annotations
 import numpy as np
 
 from gradstats.monitor.history import Finding, InputFeatures, MonitorThresholds, quiet_median
-from gradstats.monitor.report import fmt, fmt_int, listed
+from gradstats.monitor.report import NAMED_AT_MOST, fmt, fmt_int, listed
 
-# A message names at most this many features with their numbers.
-_FEATURES_NAMED = 5
 # Inputs with 2 dimensions are tables: a feature's NaN count is its number of rows with NaN.
 _TABLE_NDIM = 2
 
 
 def _features(indices, values: dict[str, np.ndarray]) -> str:
-    """'2 (mean 2.3e3, std 410), 5 (...)' for at most _FEATURES_NAMED features."""
-    shown = [
-        f"{j} ({', '.join(f'{k} {fmt(float(v[j]))}' for k, v in values.items())})"
-        for j in indices[:_FEATURES_NAMED]
-    ]
-    more = len(indices) - _FEATURES_NAMED
-    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+    """'2 (mean 2.3e3, std 410), 5 (...)' for at most report.NAMED_AT_MOST features."""
+    return listed(
+        [
+            f"{j} ({', '.join(f'{k} {fmt(float(v[j]))}' for k, v in values.items())})"
+            for j in indices
+        ]
+    )
 
 
 def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
@@ -40,7 +38,7 @@ def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
     per_feature = ", ".join(
         f"{j} (first at step {int(f.first_nan[j])}"
         + (f", {fmt_int(counts[j])} at step {step})" if counts[j] > 0 else ")")
-        for j in features[:_FEATURES_NAMED]
+        for j in features[:NAMED_AT_MOST]
     )
     affected = int((f.nan.sum(axis=1) > 0).sum())
     unit = "row(s)" if f.ndim == _TABLE_NDIM else "value(s)"

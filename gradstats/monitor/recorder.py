@@ -21,7 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from gradstats import ops
-from gradstats._core import INF_ROW, NAN_ROW, GradStats, check_int, check_norm_type
+from gradstats._core import (
+    INF_ROW,
+    NAN_ROW,
+    GradStats,
+    check_int,
+    check_max_norm,
+    check_norm_type,
+    local_stats,
+)
 from gradstats.distributed import statistics
 from gradstats.monitor.flight import (
     FlightRecorder,
@@ -110,8 +118,8 @@ class GradMonitor(MonitorReader):
             raise TypeError(f"GradMonitor: model must be a torch.nn.Module; got {type(model)}")
         check_int("window", window, 2)
         self.norm_type = check_norm_type(norm_type)
-        if max_norm is not None and not float(max_norm) > 0:
-            raise ValueError(f"max_norm must be a positive number or None; got {max_norm!r}")
+        if max_norm is not None and not check_max_norm(max_norm) > 0:
+            raise ValueError(f"GradMonitor: max_norm must be positive (or None); got {max_norm!r}")
         self.thresholds = resolve_thresholds(thresholds, deprecated)
         self._feature_dim = check_feature_dim(feature_dim)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -189,7 +197,7 @@ class GradMonitor(MonitorReader):
         self._call = 0
         try:
             with torch.no_grad():
-                if self._step % max(1, self.window // 2) == 0 and self._flight is not None:
+                if self._step % (self.window // 2) == 0 and self._flight is not None:
                     self._check_flight()
                 if self._sites is not None:
                     self._sites.start(self._step)
@@ -352,12 +360,9 @@ class GradMonitor(MonitorReader):
         """NaN/Inf counts and largest finite |x| of the tensors, accumulated into this step's row
         (several forwards in one step add up), and whether this call saw NaN/Inf."""
         with torch.no_grad():  # which also makes detaching the tensors needless
-            device = tensors[0].device
-            if all(t.device == device for t in tensors):
-                _, _, norms, counts = ops.stats(tensors, math.inf, math.inf, "zero")
-            else:
-                st = statistics(tensors, math.inf, math.inf, "zero")
-                norms, counts = st.norms, st.counts
+            # This process's own statistics: a hook runs no collective, even for DTensors.
+            st = local_stats(tensors, math.inf, math.inf, "zero")
+            norms, counts = st.norms, st.counts
             self._set_device()
             columns = self._site_columns(names, is_input)
             if columns is None:
