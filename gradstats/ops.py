@@ -191,6 +191,9 @@ def _scale_fake(tensors, coef, zero_nonfinite=None):
 # the smallest stored as -min, so that several calls combine with one add and one maximum.
 FEATURE_ROWS = ("count", "sum", "sumsq", "nan", "inf", "neg_min", "max")
 FEATURE_ADDITIVE_ROWS = 5
+# The rows of the NaN and the Inf counts, and of -min and max (whose largest is the largest |x|).
+FEATURE_NONFINITE_ROWS = slice(FEATURE_ROWS.index("nan"), FEATURE_ROWS.index("inf") + 1)
+FEATURE_EXTREME_ROWS = slice(FEATURE_ADDITIVE_ROWS, len(FEATURE_ROWS))
 
 
 def feature_stats(input: Tensor, dim: int) -> Tensor:

@@ -97,9 +97,8 @@ class FlightRecorder:
         site_bad = torch.zeros(w, dtype=torch.bool, device=device)
         if "site_counts" in sources:
             site_bad |= sources["site_counts"].index_select(0, rows).sum((1, 2)) > 0
-        nan = ops.FEATURE_ROWS.index("nan")
         for ring in feature_rings:
-            site_bad |= ring.index_select(0, rows)[:, nan : nan + 2].sum((1, 2)) > 0
+            site_bad |= ring.index_select(0, rows)[:, ops.FEATURE_NONFINITE_ROWS].sum((1, 2)) > 0
         found, reason = first_trigger(
             steps,
             chrono[:, 3 * n],

@@ -75,7 +75,7 @@ def build_history(
         feature_history.append(f)
         j = lay.sites.index(site)
         counts[:, 0, j], counts[:, 1, j] = f.nan.sum(axis=1), f.inf.sum(axis=1)
-        max_abs[:, j] = np.maximum(rows[:, -1], rows[:, -2]).max(axis=1, initial=-np.inf)
+        max_abs[:, j] = rows[:, ops.FEATURE_EXTREME_ROWS].max(axis=(1, 2), initial=-np.inf)
         site_first[j] = min(site_first[j], _never(f.first_nan).min(), _never(f.first_inf).min())
     site_nan, site_inf = counts[:, 0], counts[:, 1]
     return MonitorHistory(

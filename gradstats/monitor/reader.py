@@ -181,9 +181,8 @@ class MonitorReader:
             nonfinite = self._sites.counts[slot, :, :m].sum(0).to(torch.float64)
             for site, ring in self._features.items():
                 j, stats = self._site_index[site], ring.ring[slot]
-                max_abs[j] = stats[ops.FEATURE_ADDITIVE_ROWS :].amax()
-                nan = ops.FEATURE_ROWS.index("nan")
-                nonfinite[j] = stats[nan : nan + 2].sum()
+                max_abs[j] = stats[ops.FEATURE_EXTREME_ROWS].amax()
+                nonfinite[j] = stats[ops.FEATURE_NONFINITE_ROWS].sum()
             parts += [max_abs, nonfinite]
         if self._flight is not None:
             parts.append(self._flight.step.reshape(1).to(torch.float64))

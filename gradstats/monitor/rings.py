@@ -194,14 +194,13 @@ class FeatureRing:
         slot = step % self.window
         self.sums[slot].add_(stats[: ops.FEATURE_ADDITIVE_ROWS])
         extremes = self.extremes[slot]
-        torch.maximum(extremes, stats[ops.FEATURE_ADDITIVE_ROWS :], out=extremes)
+        torch.maximum(extremes, stats[ops.FEATURE_EXTREME_ROWS], out=extremes)
 
     def start(self, step: int) -> None:
         """Clears the row of a new step (folding the latches first when the ring wraps)."""
         slot = step % self.window
         if slot == 0:
-            nan = ops.FEATURE_ROWS.index("nan")
-            fold(self.first, self.ring[:, nan : nan + 2] > 0, step - self.window)
+            fold(self.first, self.ring[:, ops.FEATURE_NONFINITE_ROWS] > 0, step - self.window)
         self.rows[slot].copy_(self.blank)
 
     def buffers(self) -> list[Tensor]:
