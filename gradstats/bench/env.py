@@ -20,8 +20,6 @@ _SMI_TIMEOUT_S = 10
 FALLBACK_CACHE_BYTES = 64 << 20
 KIB = 1 << 10
 _SIZE_SUFFIX = {"K": KIB, "M": 1 << 20, "G": 1 << 30}
-# The /proc/cpuinfo flags each CPU ISA of the build (gradstats.BUILD_INFO["cpu_isa"]) needs.
-ISA_FLAGS = {"avx2": ("avx2", "fma", "f16c")}
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -33,12 +31,6 @@ def _cpuinfo_field(name: str) -> str | None:
     except OSError:
         pass
     return None
-
-
-def cpu_supports(isa: str) -> bool:
-    """Whether this CPU has the features of a build's CPU ISA (every CPU runs the default one)."""
-    flags = set((_cpuinfo_field("flags") or "").split())
-    return all(flag in flags for flag in ISA_FLAGS.get(isa, ()))
 
 
 def cpu_model() -> str:
@@ -227,15 +219,14 @@ def info_lines() -> list[str]:
         gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         driver = nvidia_driver()
         gpu += f", driver {driver}" if driver else ""
-    isa_ok = "yes" if cpu_supports(v["cpu_isa"]) else "NO"
     lines = [
         f"gradstats {v['gradstats']} ({Path(gradstats.__file__).parent})",
         f"python {v['python']}",
         f"built against: torch {v['built_for_torch']}, CUDA {v['built_for_cuda'] or 'none'}",
         f"installed:     torch {v['torch']}, CUDA {v['torch_cuda'] or 'none'}",
         f"CUDA kernels:  {cuda_build}",
-        f"CPU kernels:   {v['cpu_isa']} (this CPU supports it: {isa_ok})"
-        + (", debug build" if build.get("debug") else ""),
+        # import gradstats has checked the ISA against this CPU (gradstats._build).
+        f"CPU kernels:   {v['cpu_isa']}" + (", debug build" if build.get("debug") else ""),
         f"GPU:           {gpu}",
         f"CPU:           {cpu_model()}, {physical_cores()} cores, {os.cpu_count()} threads, "
         f"torch uses {torch.get_num_threads()}",
