@@ -59,6 +59,9 @@ MAX_SLOTS = 16
 ADAMW_BYTES_PER_GRAD_BYTE = 7
 # The optimizer's tensors per gradient: param, grad, exp_avg, exp_avg_sq.
 ADAMW_TENSORS_PER_GRAD = 4
+# The adamw-step scenario's pools of optimizer slots (gradstats; torch and the bare step), which
+# share the flushing between them.
+ADAMW_POOLS = 2
 # Before timing, gradstats' norm must match the float64 norm of the same data this closely (it
 # accumulates in float64). The baselines' errors are recorded, not enforced: on a CPU torch's
 # per-tensor float32 sums drift on large tensors (2e-3 off on GPT-2's 38M-value embedding; 3% in
@@ -74,6 +77,11 @@ def slot_count(slot_bytes: int, flush_bytes: int, minimum: int = MIN_SLOTS) -> i
     """Slots whose total reaches flush_bytes (each slot is then evicted before it is used again),
     at most MAX_SLOTS."""
     return min(MAX_SLOTS, max(minimum, math.ceil(flush_bytes / max(slot_bytes, 1))))
+
+
+def adamw_pair_bytes(grad_bytes: int) -> int:
+    """The bytes of a slot of each of the adamw-step scenario's pools, for a gradient set."""
+    return ADAMW_POOLS * ADAMW_TENSORS_PER_GRAD * grad_bytes
 
 
 def make_pool(slots: int, slot_bytes: int, flush_bytes: int, evict: Callable[[], object]) -> Pool:
@@ -328,8 +336,7 @@ def optimizer_slots(ctx: Context, count: int, generator: torch.Generator) -> lis
 def adamw_case(ctx: Context, generator: torch.Generator) -> Case:
     max_norm = max_norm_of(ctx.norm, clips=True)
     foreach = ctx.foreach
-    # Two pools (gradstats; torch and the bare step) share the flushing between them.
-    pair_bytes = 2 * ADAMW_TENSORS_PER_GRAD * ctx.layout.nbytes
+    pair_bytes = adamw_pair_bytes(ctx.layout.nbytes)
     count = slot_count(pair_bytes, ctx.flush_bytes, 1)
     mine = optimizer_slots(ctx, count, generator)
     theirs = optimizer_slots(ctx, count, generator)

@@ -19,7 +19,6 @@ import torch
 
 from gradstats.bench import env, host
 from gradstats.bench.cases import (
-    ADAMW_TENSORS_PER_GRAD,
     HOST_OVERHEAD,
     MAX_SLOTS,
     Case,
@@ -27,6 +26,7 @@ from gradstats.bench.cases import (
     FlatSet,
     GradPool,
     adamw_case,
+    adamw_pair_bytes,
     apex_l2norm,
     clip_case,
     floor_side,
@@ -54,8 +54,6 @@ GB = 1e9
 FLOAT32_BYTES = 4
 # The floor on a GPU is a copy: its buffer is allocated twice (source and destination).
 CUDA_FLOOR_BUFFERS = 2
-# The AdamW pools come in pairs (gradstats; torch and the bare step).
-ADAMW_POOLS = 2
 # A row timed while other processes were busy is timed again up to this many times, after a pause
 # that lets a short burst of other work pass; the least disturbed attempt is kept.
 BUSY_RETRIES = 2
@@ -175,9 +173,8 @@ class Runner:
         floor = max(n, self.floor_min_bytes) * floor_buffers
         need = (1 + slot_count(n, self.flush_bytes)) * n
         if "adamw-step" in scenarios:
-            per_slot = ADAMW_TENSORS_PER_GRAD * n
-            slots = slot_count(ADAMW_POOLS * per_slot, self.flush_bytes, 1)
-            need = max(need, n + ADAMW_POOLS * slots * per_slot)
+            pair_bytes = adamw_pair_bytes(n)
+            need = max(need, n + slot_count(pair_bytes, self.flush_bytes, 1) * pair_bytes)
         return need + floor
 
     def run(self) -> list[Row]:
