@@ -34,12 +34,11 @@ const char* message(const char* key) {
   TORCH_INTERNAL_ASSERT(false, "no message for ", key);
 }
 
-// The element types the kernels read (message "dtype").
+}  // namespace
+
 bool supported_dtype(at::ScalarType type) {
   return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
-
-}  // namespace
 
 bool is_walkable(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return true;

@@ -20,6 +20,9 @@ namespace gradstats {
 // from this table (gradstats._C).
 const std::vector<std::pair<const char*, const char*>>& argument_messages();
 
+// The element types the kernels read (complex tensors through their real view).
+bool supported_dtype(at::ScalarType type);
+
 // The validated inputs of one call: complex tensors replaced by their real views.
 // write=true (scale_) also rejects tensors whose elements share memory; write=false replaces the
 // tensors the kernels cannot walk (is_walkable) by contiguous copies.

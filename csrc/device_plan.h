@@ -39,6 +39,7 @@ class DevicePlan {
   virtual void scale(const at::Tensor& coef,
                      const std::optional<at::Tensor>& zero_counts) const = 0;
   c10::Device device() const { return device_; }
+  at::ScalarType narrow_dtype() const { return narrow_dtype_; }
   int64_t count() const { return count_; }
 
  protected:

@@ -23,6 +23,9 @@ constexpr int64_t kFeatInfRow = 4;     // +-Inf elements
 constexpr int64_t kFeatNegMinRow = 5;  // -(smallest finite element), -inf when there is none
 constexpr int64_t kFeatMaxRow = 6;     // largest finite element, -inf when there is none
 constexpr int64_t kFeatAdditiveRows = 5;
+// The rows' names, in order (gradstats.ops.FEATURE_ROWS).
+constexpr const char* kFeatureRowNames[kFeatureRows] = {"count", "sum",     "sumsq", "nan",
+                                                        "inf",   "neg_min", "max"};
 
 // One feature's statistics over a piece, in float64 (counts are exact below 2^53 elements).
 struct FeatureAcc {

@@ -25,7 +25,6 @@ struct Layout {
   int64_t sizes[kMaxLayoutDims] = {};
   int64_t strides[kMaxLayoutDims] = {};  // in elements
 
-  int64_t row_size() const { return ndim == 0 ? 1 : sizes[ndim - 1]; }
   int64_t row_stride() const { return ndim == 0 ? 1 : strides[ndim - 1]; }
   bool is_flat() const { return ndim <= 1 && row_stride() == 1; }
 };

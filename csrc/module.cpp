@@ -141,9 +141,7 @@ const c10::TensorImpl* grad_of(const torch::autograd::AutogradMeta* owner) {
 bool plannable(const at::Tensor& g, c10::Device device) {
   const at::ScalarType type =
       g.is_complex() ? c10::toRealValueType(g.scalar_type()) : g.scalar_type();
-  const bool supported =
-      type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
-  return supported && g.layout() == c10::kStrided && g.device() == device &&
+  return gradstats::supported_dtype(type) && g.layout() == c10::kStrided && g.device() == device &&
          !g.key_set().has(c10::DispatchKey::Python) && gradstats::is_walkable(g) &&
          at::has_internal_overlap(g) != at::MemOverlap::Yes;
 }
@@ -176,7 +174,7 @@ class GradPlan {
   std::optional<bool> wide_norms() {
     refresh();
     if (!plan_) return std::nullopt;
-    return wide_norms_;
+    return plan_->narrow_dtype() == at::kDouble;
   }
 
   // How many times the plan was built: once, and again after each change of a gradient.
@@ -234,7 +232,6 @@ class GradPlan {
     plan_.reset();
     if (ok && !grads.empty()) {
       std::vector<at::Tensor> prepared = gradstats::prepare_tensors(grads, "GradPlan", true);
-      wide_norms_ = gradstats::norm_dtype(prepared, /*wide=*/false) == at::kDouble;
       plan_ = gradstats::make_device_plan(std::move(prepared));
       plan_->release_tensors();  // the signatures and the parameters stand for them
     }
@@ -280,7 +277,6 @@ class GradPlan {
   py::list with_grads_;
   std::vector<GradSignature> signatures_;
   std::unique_ptr<gradstats::DevicePlan> plan_;
-  bool wide_norms_ = false;
   bool built_ = false;
   int64_t builds_ = 0;
 };
@@ -300,6 +296,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "the messages of the argument checks, by key (csrc/checks.cpp)");
+  m.def(
+      "constants",
+      [] {
+        py::dict out;
+        out["nan_row"] = gradstats::kNanRow;
+        out["inf_row"] = gradstats::kInfRow;
+        out["nonfinite_row"] = gradstats::kNonfiniteRow;
+        out["clip_eps"] = gradstats::kClipEps;
+        py::list rows;
+        for (const char* name : gradstats::kFeatureRowNames) rows.append(name);
+        out["feature_rows"] = rows;
+        out["feature_additive_rows"] = gradstats::kFeatAdditiveRows;
+        return out;
+      },
+      "the ops' layout constants: the rows of the counts and of feature_stats, the clip epsilon");
   py::class_<GradPlan>(m, "GradPlan",
                        "the native half of gradstats.GradPlan: gradients planned once, re-planned "
                        "when one changes")

@@ -119,10 +119,11 @@ GS_HD_HOT double scale_power(double r, NormSpec spec) {
 // kRescaleAbove. (General p sums are at most the element count: they never need it.)
 GS_HD_HOT void rescale(Partial& a, NormSpec spec) {
   if (spec.kind != NormKind::kL1 && spec.kind != NormKind::kL2) return;
-  const int step = spec.kind == NormKind::kL1 ? kRescaleBits : kRescaleBits / 2;
+  // sum * scale^p stays the same: 2^-kRescaleBits off the sum is 2^(kRescaleBits / p) on the scale.
+  const int scale_bits = spec.kind == NormKind::kL1 ? kRescaleBits : kRescaleBits / 2;
   while (a.sum > kRescaleAbove && a.sum <= std::numeric_limits<double>::max()) {
-    a.sum = ldexp(a.sum, -(spec.kind == NormKind::kL1 ? step : 2 * step));
-    a.scale = ldexp(a.scale, step);
+    a.sum = ldexp(a.sum, -kRescaleBits);
+    a.scale = ldexp(a.scale, scale_bits);
   }
 }
 
@@ -228,6 +229,28 @@ GS_HD T clip_coefficient(double norm, double max_norm, const Partial& all, Nonfi
   }
   const T coef = (T(1) / (total + T(kClipEps))) * T(max_norm);
   return (coef < T(1) || coef != coef) ? coef : T(1);
+}
+
+// Whether scale_ changes the tensors for a coefficient: below 1, or NaN (which propagates, as in
+// torch).
+GS_HD_HOT bool clips(double coef) { return !(coef >= 1.0); }
+
+// Column `col` of the stats op's counts (int64 [kCountRows, n + 1], row-major): a partial's NaN,
+// Inf and NaN + Inf counts.
+GS_HD_HOT void store_counts(int64_t* counts, int64_t n, int64_t col, const Partial& p) {
+  counts[kNanRow * (n + 1) + col] = p.nan;
+  counts[kInfRow * (n + 1) + col] = p.inf;
+  counts[kNonfiniteRow * (n + 1) + col] = p.nan + p.inf;
+}
+
+// The stats op's total norm and clip coefficient, in the norms' dtype T, from the combined
+// total_terms of every tensor.
+template <typename T>
+GS_HD void store_total(T* total_norm, T* clip_coef, const Partial& all, NormSpec spec,
+                       Nonfinite policy, double max_norm) {
+  const double total = reported_total(all, spec, policy);
+  *total_norm = static_cast<T>(total);
+  *clip_coef = clip_coefficient<T>(total, max_norm, all, policy);
 }
 
 // The term an element of magnitude a adds to a p = 1, 2, 0 sum: a, a^2 or whether it is nonzero.

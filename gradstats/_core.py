@@ -25,9 +25,11 @@ if dist.is_available():
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
 # Rows of GradStats.counts (the stats op's layout, csrc/partial.h kNanRow...).
-NAN_ROW, INF_ROW, NONFINITE_ROW = 0, 1, 2
+NAN_ROW: int = ops.CONSTANTS["nan_row"]
+INF_ROW: int = ops.CONSTANTS["inf_row"]
+NONFINITE_ROW: int = ops.CONSTANTS["nonfinite_row"]
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing (csrc/partial.h: kClipEps).
-CLIP_EPS = 1e-6
+CLIP_EPS: float = ops.CONSTANTS["clip_eps"]
 # What NaN/Inf gradients do. The kernels know the first three; "error" is "propagate" plus a raise.
 ON_NONFINITE = ("propagate", "skip", "zero", "error")
 # A message names at most this many tensors.

@@ -18,6 +18,8 @@ _C, BUILD_INFO = load_library()
 # The messages of the scalar argument checks, from the one table in csrc/checks.cpp: the ops, their
 # fakes and the Python API raise "gradstats: <text>; got <value>" alike.
 MESSAGES: dict[str, str] = _C.argument_messages()
+# The ops' layout constants, from the native headers (csrc/partial.h, csrc/feature_stats.h).
+CONSTANTS: dict[str, Any] = _C.constants()
 
 OP_NAMES = ("stats", "scale_", "feature_stats")
 POLICIES = ("propagate", "skip", "zero")
@@ -189,8 +191,8 @@ def _scale_fake(tensors, coef, zero_nonfinite=None):
 
 # Rows of feature_stats' output (csrc/feature_stats.h): the additive ones first, then the extremes,
 # the smallest stored as -min, so that several calls combine with one add and one maximum.
-FEATURE_ROWS = ("count", "sum", "sumsq", "nan", "inf", "neg_min", "max")
-FEATURE_ADDITIVE_ROWS = 5
+FEATURE_ROWS: tuple[str, ...] = tuple(CONSTANTS["feature_rows"])
+FEATURE_ADDITIVE_ROWS: int = CONSTANTS["feature_additive_rows"]
 # The rows of the NaN and the Inf counts, and of -min and max (whose largest is the largest |x|).
 FEATURE_NONFINITE_ROWS = slice(FEATURE_ROWS.index("nan"), FEATURE_ROWS.index("inf") + 1)
 FEATURE_EXTREME_ROWS = slice(FEATURE_ADDITIVE_ROWS, len(FEATURE_ROWS))

@@ -33,7 +33,8 @@ void rows_stats(const T* data, int64_t features, int64_t first, int64_t last, Fe
   double* inf = lanes.data() + kFeatInfRow * features;
   double* neg_min = lanes.data() + kFeatNegMinRow * features;
   double* max = lanes.data() + kFeatMaxRow * features;
-  std::fill(neg_min, neg_min + 2 * features, none);
+  std::fill(lanes.data() + kFeatAdditiveRows * features, lanes.data() + kFeatureRows * features,
+            none);
   for (int64_t o = first; o < last; ++o) {
     const T* row = data + o * features;
     for (int64_t f = 0; f < features; ++f) {

@@ -155,19 +155,13 @@ void write_outputs(const std::vector<Partial>& per_tensor, const Partial& all, N
   const auto n = static_cast<int64_t>(per_tensor.size());
   T* norms = out.norms.data_ptr<T>();
   int64_t* counts = out.counts.data_ptr<int64_t>();
-  const auto write_counts = [&](int64_t col, const Partial& p) {
-    counts[kNanRow * (n + 1) + col] = p.nan;
-    counts[kInfRow * (n + 1) + col] = p.inf;
-    counts[kNonfiniteRow * (n + 1) + col] = p.nan + p.inf;
-  };
   for (int64_t i = 0; i < n; ++i) {
     norms[i] = static_cast<T>(reported_norm(per_tensor[i], spec, policy));
-    write_counts(i, per_tensor[i]);
+    store_counts(counts, n, i, per_tensor[i]);
   }
-  write_counts(n, all);
-  const double total = reported_total(all, spec, policy);
-  *out.total_norm.data_ptr<T>() = static_cast<T>(total);
-  *out.clip_coef.data_ptr<T>() = clip_coefficient<T>(total, max_norm, all, policy);
+  store_counts(counts, n, n, all);
+  store_total(out.total_norm.data_ptr<T>(), out.clip_coef.data_ptr<T>(), all, spec, policy,
+              max_norm);
 }
 
 // The plan of a list: the pieces of every tensor the kernels walk (the others, only ever handed to
@@ -222,21 +216,21 @@ class CpuPlan final : public DevicePlan {
   void scale(const at::Tensor& coef_tensor,
              const std::optional<at::Tensor>& zero_counts) const override {
     const double coef = coef_tensor.item<double>();
-    const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as torch
+    const bool scales = clips(coef);
     const at::Tensor counts = zero_counts ? zero_counts->contiguous() : at::Tensor();
     const int64_t* nonfinite = zero_counts ? counts.data_ptr<int64_t>() : nullptr;
     const auto zeroes = [&](const Source& src) {
       return nonfinite != nullptr && nonfinite[src.index] > 0;
     };
     // Nothing clipped and nothing zeroed: no tensor is visited at all.
-    if (clips || nonfinite != nullptr) {
-      const double factor = clips ? coef : 1.0;
+    if (scales || nonfinite != nullptr) {
+      const double factor = scales ? coef : 1.0;
       const auto pieces = static_cast<int64_t>(plan_.pieces.size());
       for_each_piece(plan_, [&](int64_t i) {
         const Piece& piece = plan_.pieces[i];
         const Source& src = plan_.sources[piece.tensor];
         const bool zero = zeroes(src);
-        if (!clips && !zero) return;
+        if (!scales && !zero) return;
         if (i + kPrefetchAhead < pieces) {
           __builtin_prefetch(plan_.sources[plan_.pieces[i + kPrefetchAhead].tensor].data, 1);
         }

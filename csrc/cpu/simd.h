@@ -14,9 +14,6 @@
 
 namespace gradstats::cpu {
 
-using FVec = at::vec::Vectorized<float>;
-using DVec = at::vec::Vectorized<double>;
-
 template <typename T>
 constexpr bool kIsReduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 

@@ -185,14 +185,6 @@ __device__ __forceinline__ bool finished_last(unsigned int* done_blocks, Scratch
   return scratch.last_block;
 }
 
-__device__ __forceinline__ void write_counts(const StatsArgs& args, int64_t column,
-                                             const Partial& p) {
-  const int64_t row = args.num_tensors + 1;
-  args.counts[kNanRow * row + column] = p.nan;
-  args.counts[kInfRow * row + column] = p.inf;
-  args.counts[kNonfiniteRow * row + column] = p.nan + p.inf;
-}
-
 // A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
 __device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, const Partial& p) {
   args.tensor_partials[g] = p;
@@ -202,7 +194,7 @@ __device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, 
   } else {
     static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
   }
-  write_counts(args, g, p);
+  store_counts(args.counts, args.num_tensors, g, p);
 }
 
 // The last block of a launch combines the chunk partials of each of the launch's tensors: a warp
@@ -241,9 +233,8 @@ __device__ __forceinline__ void reduce_tensors(const Table& table, const StatsAr
 
 template <typename T>
 __device__ __forceinline__ void write_total(const StatsArgs& args, const Partial& all) {
-  const double total = reported_total(all, args.spec, args.policy);
-  *static_cast<T*>(args.total_norm) = static_cast<T>(total);
-  *static_cast<T*>(args.clip_coef) = clip_coefficient<T>(total, args.max_norm, all, args.policy);
+  store_total(static_cast<T*>(args.total_norm), static_cast<T*>(args.clip_coef), all, args.spec,
+              args.policy, args.max_norm);
 }
 
 // The last block of the call's last launch: all tensors' partials (this launch's written by this
@@ -257,7 +248,7 @@ __device__ __forceinline__ void write_totals(const StatsArgs& args, Scratch& scr
   }
   acc = block_allreduce(acc, op, scratch.partial);
   if (threadIdx.x != 0) return;
-  write_counts(args, args.num_tensors, acc);
+  store_counts(args.counts, args.num_tensors, args.num_tensors, acc);
   if (args.out_double) {
     write_total<double>(args, acc);
   } else {
@@ -313,16 +304,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   dispatch_dtype(static_cast<int>(args.coef_dtype), [&](auto tag) {
     coef = static_cast<double>(to_opmath(*static_cast<const decltype(tag)*>(args.coef)));
   });
-  const bool clips = !(coef >= 1.0);  // true for a NaN coefficient too: it propagates, as in torch
-  if (!clips && args.zero_counts == nullptr) return;
+  const bool scales = clips(coef);
+  if (!scales && args.zero_counts == nullptr) return;
   for (int32_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const ChunkRef ref = locate_chunk(table, c);
     const bool zero = args.zero_counts != nullptr &&
                       args.zero_counts[(table.first_tensor + ref.tensor) * args.zero_stride] > 0;
-    if (!clips && !zero) continue;
+    if (!scales && !zero) continue;
     dispatch_dtype(table.dtype[ref.tensor], [&](auto tag) {
       using T = decltype(tag);
-      scale_chunk(chunk_view<T>(table, ref), static_cast<opmath_t<T>>(clips ? coef : 1.0), zero);
+      scale_chunk(chunk_view<T>(table, ref), static_cast<opmath_t<T>>(scales ? coef : 1.0), zero);
     });
   }
 }
