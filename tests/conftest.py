@@ -3,10 +3,25 @@
 Nothing here queries CUDA at import or collection time.
 """
 
+import importlib.metadata
 from collections import Counter
 
 import pytest
 import torch
+
+# The frameworks whose releases the integration tests run against: their versions head the run,
+# so that a failure after a new release names that release.
+FRAMEWORKS = ("torch", "transformers", "accelerate", "lightning")
+
+
+def pytest_report_header(config):
+    versions = []
+    for name in FRAMEWORKS:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return "gradstats tested against: " + ", ".join(versions)
 
 
 def pytest_runtest_setup(item):

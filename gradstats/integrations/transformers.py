@@ -6,12 +6,17 @@ in the logs, non-finite steps skipped without advancing the LR scheduler.
     args = TrainingArguments(..., max_grad_norm=1.0)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[GradStatsCallback()])
 
-How (transformers 5, accelerate 1): the Trainer clips with `accelerator.clip_grad_norm_`, which
-calls `torch.nn.utils.clip_grad_norm_` (with max_grad_norm=0 it still calls it with an infinite
-max_norm, to log the norm). From on_train_begin to on_train_end torch's clipping functions are
-gradstats' (gradstats.patch_torch); the Trainer's call, recognised by its parameters, reads every
-gradient once for the norm, the NaN/Inf counts and the clip coefficient, clips in place, and hands
-the Trainer the norm before clipping, which it logs as grad_norm. No second norm pass.
+How: the Trainer clips (and computes the norm it logs as grad_norm) through accelerate, which calls
+torch.nn.utils' clipping functions; which ones depends on the release (accelerate 1.15:
+clip_grad_norm_; 1.16: get_total_norm per device mesh, then clip_grads_with_norm_). From
+on_train_begin to on_train_end those three functions are gradstats' (gradstats.patch_torch), and
+the callback does not care which of them the Trainer calls: the first call that reads the model's
+gradients in a step takes the step's statistics in one pass (the norm, per-tensor norms, NaN/Inf
+counts), and every call on those gradients is answered from them (integrations/_step_stats.py).
+No second norm pass. If a future release computes the norm without these functions (or a model's
+own clip_grad_norm_ does, as FSDP1's), the callback takes the statistics itself before the
+optimizer step (one pass, after the framework's own clipping: a NaN norm has then spread NaN to
+every element it scaled) and warns once, naming the versions: skipping and counting go on.
 
 on_nonfinite="skip" (the default): a step whose gradients hold NaN/Inf (or whose norm overflows)
 leaves them untouched, and on_pre_optimizer_step reads that flag (one host sync per step).
@@ -27,15 +32,19 @@ Inf gradient elements since training started) and skipped_steps, in trainer.stat
 in the logs that callbacks after this one receive (the Trainer's reporting integrations come before
 user callbacks: to send these to TensorBoard or W&B, pass report_to="none" and put their callbacks
 after this one). The counts are saved in checkpoints (trainer_state.json) and resumed.
+
+Tested with transformers and accelerate from the oldest releases pyproject.toml declares to the
+newest (README, "Tested versions").
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch.nn.utils
-from torch import Tensor, nn
+from torch import nn
 
 import gradstats
 from gradstats.integrations._common import (
@@ -50,8 +59,11 @@ from gradstats.integrations._common import (
     check_monitor,
     make_monitor,
 )
+from gradstats.integrations._step_stats import StepStatistics
 
 try:
+    import accelerate
+    import transformers
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import ExportableState
 except ImportError as error:  # the extra is missing
@@ -66,6 +78,8 @@ logger = logging.getLogger(__name__)
 # step_was_skipped property, which Accelerator.optimizer_step_was_skipped asks); its own step()
 # sets it when a GradScaler skips.
 _SKIPPED_FLAG = "_is_overflow"
+# The key of the training loss in the Trainer's logs of training steps.
+_LOSS_KEY = "loss"
 
 
 class GradStatsCallback(TrainerCallback, ExportableState):
@@ -94,9 +108,8 @@ class GradStatsCallback(TrainerCallback, ExportableState):
         self._reporter: FindingsReporter | None = None
         self.skipped_steps = 0
         self._totals = NonfiniteTotals()
-        self._params: tuple[Tensor, ...] = ()
-        self._patch: gradstats.TorchPatch | None = None
-        self._pending: gradstats.GradStats | None = None
+        self._steps: StepStatistics | None = None
+        self._warned = False  # about a norm that did not come through torch's functions
         self._held: Any = None  # the optimizer whose next step() is held back
         self._flagged: Any = None  # the optimizer this callback marked as having skipped
 
@@ -141,13 +154,12 @@ class GradStatsCallback(TrainerCallback, ExportableState):
         optimizer = kwargs["optimizer"]
         _check_setup(args, optimizer)
         self._restore_counts(state)
-        self._params = tuple(model.parameters())
         if self.monitor is None:
             self.monitor = make_monitor(self._monitor_option, model)
             self._reporter = None if self.monitor is None else FindingsReporter(self.monitor)
-        self._pending = None
         _end_stale_patch()
-        self._patch = gradstats.patch_torch(clip_grad_norm_=self._clip_grad_norm)
+        self._steps = StepStatistics(list(model.parameters()), self.on_nonfinite)
+        self._steps.install()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -156,9 +168,9 @@ class GradStatsCallback(TrainerCallback, ExportableState):
         self._release()
 
     def _end_patch(self) -> None:
-        if self._patch is not None:
-            self._patch.restore()
-            self._patch = None
+        if self._steps is not None:
+            self._steps.uninstall()
+            self._steps = None
 
     def _restore_counts(self, state: TrainerState) -> None:
         """A fresh run counts from zero; a resumed one from the checkpoint's callback state."""
@@ -169,55 +181,60 @@ class GradStatsCallback(TrainerCallback, ExportableState):
         self.skipped_steps = int(attributes.get(SKIPPED_KEY, 0))
         self._totals.load(int(attributes.get(NAN_KEY, 0)), int(attributes.get(INF_KEY, 0)))
 
-    def _clip_grad_norm(
-        self,
-        parameters: Tensor | Any,
-        max_norm: float,
-        norm_type: float | str = 2.0,
-        error_if_nonfinite: bool = False,
-        foreach: bool | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """torch.nn.utils.clip_grad_norm_ while training: gradstats' version, which for the
-        Trainer's own call also keeps the step's statistics."""
-        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-        if error_if_nonfinite or kwargs or not self._is_trainer_call(params):
-            return gradstats.clip_grad_norm_(
-                params, max_norm, norm_type, error_if_nonfinite, foreach, **kwargs
-            )
-        with_grad = [p for p in params if p.grad is not None]
-        stats = gradstats.clip_grad_norm_(
-            with_grad, max_norm, norm_type, on_nonfinite=self.on_nonfinite, return_stats=True
-        )
-        self._pending = stats
-        self._totals.add(stats)
-        if self.monitor is not None:
-            skipped = stats.any_nonfinite if self.on_nonfinite == "skip" else False
-            self.monitor.step(stats=stats, params=with_grad, skipped=skipped)
-        return stats.total_norm
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._steps is not None:
+            self._steps.discard()
 
-    def _is_trainer_call(self, params: list[Tensor]) -> bool:
-        return len(params) == len(self._params) and all(
-            a is b for a, b in zip(params, self._params)
-        )
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """After a micro-batch whose gradients are still accumulating: whatever was read during
+        it is not the step's statistics."""
+        if self._steps is not None:
+            self._steps.discard()
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        stats, self._pending = self._pending, None
-        if stats is None:
-            raise RuntimeError(
-                "GradStatsCallback: the Trainer's gradient norm did not go through gradstats this "
-                "step (was gradstats.unpatch_torch() called during training, or does this Trainer "
-                "compute the norm elsewhere, e.g. across several device meshes?); the step is "
-                "not taken rather than taken unchecked"
-            )
+        """The step's statistics (taken when the Trainer computed its norm, or now): counted,
+        handed to the monitor, and under "skip" the optimizer step held back if non-finite."""
+        if self._steps is None:
+            return
+        stats, params, read_by_the_trainer = self._steps.take()
+        if not read_by_the_trainer:
+            self._warn_norm_elsewhere(args)
+        self._totals.add(stats)
+        skipping = self.on_nonfinite == "skip"
+        if self.monitor is not None:
+            skipped = stats.any_nonfinite if skipping else False
+            self.monitor.step(stats=stats, params=params, skipped=skipped)
         optimizer = kwargs["optimizer"]
         if self._flagged is optimizer:  # the flag of a previous skipped step, now stale
             setattr(optimizer, _SKIPPED_FLAG, False)
             self._flagged = None
-        if self.on_nonfinite == "skip" and bool(stats.any_nonfinite):
+        if skipping and bool(stats.any_nonfinite):
             self._hold(optimizer)
+
+    def _warn_norm_elsewhere(self, args: TrainingArguments) -> None:
+        """Once per callback: the Trainer clipped, but not through torch's functions. (Without
+        clipping, max_grad_norm=0, some releases compute no norm at all: nothing to warn about,
+        the callback's pass is then the step's only one.)"""
+        if self._warned or not args.max_grad_norm > 0:
+            return
+        self._warned = True
+        warnings.warn(
+            "GradStatsCallback: the Trainer clipped the gradients without torch.nn.utils' "
+            "clipping functions this step "
+            f"(transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
+            f"torch {torch.__version__}), so gradstats read the gradients itself before the "
+            "optimizer step (one more pass). NaN/Inf steps are still counted and handled by "
+            f"on_nonfinite={self.on_nonfinite!r}; the counts are those of the gradients as the "
+            "framework left them (its own clip by a NaN norm makes every element it scales NaN).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -258,7 +275,7 @@ class GradStatsCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Adds the counts to a training log (one sync), and the monitor's report when it has
         found something new."""
-        if logs is None or NORM_KEY not in logs:
+        if logs is None or not _is_training_log(logs):
             return
         nan, inf = self._totals.read()
         extra: dict[str, Any] = {NAN_KEY: nan, INF_KEY: inf, SKIPPED_KEY: self.skipped_steps}
@@ -270,16 +287,22 @@ class GradStatsCallback(TrainerCallback, ExportableState):
         logs.update(extra)
         # The Trainer appended its copy of these logs to the history just before this event.
         last = state.log_history[-1] if state.log_history else {}
-        if NORM_KEY in last and last.get("step") == state.global_step:
+        if _is_training_log(last) and last.get("step") == state.global_step:
             last.update(extra)
 
 
+def _is_training_log(logs: dict[str, Any]) -> bool:
+    """A log of training steps: it has the loss (and grad_norm, when the Trainer computes one;
+    with max_grad_norm=0 older releases do not)."""
+    return NORM_KEY in logs or _LOSS_KEY in logs
+
+
 def _end_stale_patch() -> None:
-    """A train() that raised never reached on_train_end, leaving its callback's clip_grad_norm_ in
-    torch: the next training puts back what was there before it."""
+    """A train() that raised never reached on_train_end, leaving its callback's functions in
+    torch: the next training puts back what was there before them."""
     owner = getattr(torch.nn.utils.clip_grad_norm_, "__self__", None)
-    if isinstance(owner, GradStatsCallback):
-        owner._end_patch()
+    if isinstance(owner, StepStatistics):
+        owner.uninstall()
 
 
 def _check_setup(args: TrainingArguments, optimizer: Any) -> None:
