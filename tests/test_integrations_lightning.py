@@ -337,6 +337,49 @@ def test_misconfiguration_is_refused(tmp_path):
         GradStatsCallback(on_nonfinite="ignore")
 
 
+class Manual(Net):
+    """Manual optimization: training_step steps its optimizer itself, clipping with Lightning's
+    own clip_gradients when asked to (the stock reference)."""
+
+    def __init__(self, clip_itself=False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.clip_itself = clip_itself
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.manual_backward(loss)
+        if self.clip_itself:
+            self.clip_gradients(opt, gradient_clip_val=MAX_NORM, gradient_clip_algorithm="norm")
+        opt.step()
+        return {"loss": loss.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def test_manual_optimization_clips_and_skips_every_opt_step(tmp_path):
+    """Decided: the callback clips manual optimization's opt.step() too (documented)."""
+    stock, unclipped, ours = Probe(), Probe(), Probe(watch_step=NAN_STEP)
+    fit(tmp_path / "stock", [stock], module=Manual(clip_itself=True))
+    fit(tmp_path / "unclipped", [unclipped], module=Manual())
+    callback = GradStatsCallback(max_norm=MAX_NORM)
+    module = Manual()
+    module.nan_steps = {NAN_STEP}
+    fit(tmp_path / "ours", [callback, ours], module=module)
+    assert len(ours.losses) == len(stock.losses) == STEPS
+    before = NAN_STEP - 1  # the losses up to the NaN step, whose update is skipped
+    assert ours.losses[:before] == pytest.approx(stock.losses[:before], rel=1e-5, abs=0)
+    clipping_shows = unclipped.losses[:before] != pytest.approx(stock.losses[:before], rel=1e-5)
+    assert clipping_shows, "clipping must change the losses"
+    assert equal_bitwise(ours.before, ours.after), "the NaN step changed the weights"
+    assert callback.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 # ----------------------------------------------------------------------------------- monitor
 
 
@@ -350,6 +393,35 @@ def test_monitor_reports_the_nan(tmp_path, caplog):
     assert [r for r in caplog.records if "GradMonitor" in r.getMessage()]
     assert probe.logged[NAN_STEP - 2]["gradstats_findings"] == 0
     assert probe.logged[NAN_STEP - 1]["gradstats_findings"] >= 1
+
+
+def nan_batch_data(nan_batch):
+    """make_data() with a NaN feature in every sample of one batch."""
+    data = make_data()
+    x, y = data.dataset.tensors
+    x = x.clone()
+    x[nan_batch * data.batch_size : (nan_batch + 1) * data.batch_size, 3] = math.nan
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.parametrize("monitor", ["ours", "given"])
+def test_monitor_watches_the_batches_training_step_reads(tmp_path, monitor):
+    """Net.training_step never calls the module's forward: the callback's own monitor watches
+    the batches and blames the NaN input; a GradMonitor passed in, hooked on that unused
+    forward, watches nothing (the negative control)."""
+    module = Net()
+    given = gradstats.GradMonitor(module)
+    callback = GradStatsCallback(max_norm=MAX_NORM, monitor=True if monitor == "ours" else given)
+    settings = dict(max_steps=STEPS, accelerator="cpu", devices=1, logger=False)
+    settings.update(enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(callbacks=[callback], default_root_dir=str(tmp_path), **settings)
+    trainer.fit(module, nan_batch_data(NAN_STEP - 1))
+    causes = {f.cause for f in callback.monitor.diagnose()}
+    if monitor == "ours":
+        assert "bad_input" in causes
+        assert "input[0]" in callback.monitor.report()
+    else:
+        assert "bad_input" not in causes
 
 
 def test_monitor_is_quiet_on_healthy_training(tmp_path):

@@ -34,12 +34,13 @@ def check_monitor(monitor: bool | gradstats.GradMonitor) -> bool | gradstats.Gra
 
 
 def make_monitor(
-    monitor: bool | gradstats.GradMonitor, model: nn.Module
+    monitor: bool | gradstats.GradMonitor, model: nn.Module, watch_inputs: bool = True
 ) -> gradstats.GradMonitor | None:
-    """monitor=True: a GradMonitor with default thresholds on the model; a GradMonitor: that one."""
+    """monitor=True: a GradMonitor with default thresholds on the model (watch_inputs: through a
+    hook on its forward); a GradMonitor: that one."""
     if isinstance(monitor, gradstats.GradMonitor):
         return monitor
-    return gradstats.GradMonitor(model) if monitor else None
+    return gradstats.GradMonitor(model, watch_inputs=watch_inputs) if monitor else None
 
 
 class NonfiniteTotals:

@@ -21,11 +21,27 @@ step-interval schedulers are not stepped; epoch-interval ones are stepped as usu
 GradScaler (precision "16-mixed") this holds for the steps skipped on its overflows too. The hook is
 put back at the end of fit, also when fit raises. trainer.global_step counts skipped steps too.
 
+Where the clipping happens: inside each optimizer's step, not in Lightning's clipping hook
+(configure_gradient_clipping): a LightningModule that overrides configure_gradient_clipping to clip
+by itself reads the gradients a second time and clips them twice; leave it to the callback.
+
+Manual optimization (automatic_optimization=False) is clipped too: every `opt.step()` of the
+optimizers self.optimizers() returns is a ClipGradOptimizer step (its own statistics, clip, NaN
+skip), so training_step needs no clip of its own (Lightning refuses gradient_clip_val there, and
+self.clip_gradients would clip twice). The LR schedulers are the user's to step in manual
+optimization: `opt.optimizer.skipped_steps` (a device counter) tells which steps were skipped.
+
 Logging, at the steps Lightning writes to its loggers (every log_every_n_steps optimizer steps),
 through LightningModule.log: grad_norm (before clipping), grad_nan_count and grad_inf_count (NaN
 and Inf gradient elements since training started), skipped_steps, and with a monitor the number of
 its findings (gradstats_findings). Checkpoints keep the counts (this callback's state) and the
 skipped steps (the optimizer's state).
+
+With monitor=True the monitor watches each training batch as the model's inputs (a training_step
+need not call the LightningModule's forward); a GradMonitor passed in is used as configured.
+
+Tested with Lightning from the oldest release pyproject.toml declares to the newest (README,
+"Tested versions").
 """
 
 from __future__ import annotations
@@ -101,6 +117,7 @@ class GradStatsCallback(pl.Callback):
         self._monitor_option = check_monitor(monitor)
         self.monitor: gradstats.GradMonitor | None = None
         self._reporter: FindingsReporter | None = None
+        self._watch_batches = False  # a monitor of ours: it reads each batch as the inputs
         self.optimizers: list[gradstats.ClipGradOptimizer] = []
         self._totals = NonfiniteTotals()
         self._seen: list[gradstats.GradStats | None] = []
@@ -122,7 +139,9 @@ class GradStatsCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_setup(trainer)
         if self.monitor is None:
-            self.monitor = make_monitor(self._monitor_option, pl_module)
+            # training_step may never call the module's forward: ours watches the batches.
+            self.monitor = make_monitor(self._monitor_option, pl_module, watch_inputs=False)
+            self._watch_batches = self._monitor_option is True
             self._reporter = None if self.monitor is None else FindingsReporter(self.monitor)
         self.optimizers = [
             gradstats.ClipGradOptimizer(
@@ -203,6 +222,12 @@ class GradStatsCallback(pl.Callback):
         return self._last_skipped
 
     # ------------------------------------------------------------------------------ logging
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._watch_batches and self.monitor is not None:
+            self.monitor.watch_inputs(batch)
 
     def on_train_batch_end(
         self,

@@ -295,7 +295,7 @@ class GradMonitor(MonitorReader):
             return t
         return t.to(self._device, non_blocking=self._device.type == "cuda")
 
-    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_input(self, module: nn.Module | None, args: tuple, kwargs: dict) -> None:
         try:
             leaves: list[tuple[str, Tensor]] = []
             for i, arg in enumerate(args):
@@ -410,6 +410,12 @@ class GradMonitor(MonitorReader):
         )
 
     # ---------------------------------------------------------------------------- hooks
+
+    def watch_inputs(self, *args: Any, **kwargs: Any) -> None:
+        """Records args and kwargs as this step's model inputs, as the forward pre-hook does with
+        the model's own arguments: for loops whose step never calls the model's forward with the
+        batch (a Lightning training_step that calls submodules). Never raises."""
+        self._on_input(None, args, kwargs)
 
     def close(self) -> None:
         """Removes the forward hooks (and writes the flight record, with dump_dir). What was
