@@ -371,7 +371,11 @@ def apply_clip(tensors: list[Tensor], coef: Tensor, zero_counts: Tensor | None =
         counts = zero_counts
         if counts is not None and len(groups) > 1:
             counts = _gather(counts, idx, device)
-        ops.scale_([tensors[i] for i in idx], coef.to(device, non_blocking=True), counts)
+        # Toward the CPU the copy must be a blocking one: its scale reads the value at once, and a
+        # non-blocking copy into pinned memory may not have landed yet (toward a GPU the copy is
+        # ordered on the stream before the scale kernel).
+        here = coef.to(device, non_blocking=device.type != "cpu")
+        ops.scale_([tensors[i] for i in idx], here, counts)
 
 
 # ------------------------------------------------------------------------ non-finite report

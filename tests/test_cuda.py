@@ -447,3 +447,24 @@ def test_a_list_over_two_gpus_never_waits_for_the_host(policy):
     assert_close_rel(st.norms[2].item(), expected.norms[2], NORM_RTOL[torch.float32], "norm 2")
     if policy == "zero":
         assert torch.isfinite(params[3].grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first", ["cuda", "cpu"])
+def test_a_list_of_cpu_and_cuda_gradients_is_clipped_by_the_right_coefficient(first):
+    """The coefficient computed on the first device reaches the CPU's scale already landed (a
+    non-blocking copy into pinned memory would hand it 0, or a previous step's value)."""
+    for attempt in range(3):  # a stale pinned buffer: several steps with different coefficients
+        scale = 10.0 ** (attempt + 1)
+        grads = {d: torch.randn(4096, device=d) * scale for d in ("cuda", "cpu")}
+        order = [first, "cpu" if first == "cuda" else "cuda"]
+        params = [torch.nn.Parameter(torch.empty_like(grads[d])) for d in order]
+        for p, d in zip(params, order):
+            p.grad = grads[d].clone()
+        expected = reference_stats([grads[d].cpu() for d in order], 2.0, 1.0)
+        gradstats.clip_grad_norm_(params, 1.0)
+        for p, d in zip(params, order):
+            want = reference_clipped(grads[d].cpu(), expected.clip_coef)
+            torch.testing.assert_close(
+                p.grad.double().cpu(), want, rtol=CLIP_RTOL[torch.float32], atol=0
+            )
