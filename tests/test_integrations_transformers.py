@@ -123,7 +123,8 @@ def test_without_clipping_the_logged_norm_is_still_one_gradstats_pass(tmp_path):
     assert len(stock) == len(ours) == STEPS
     for a, b in zip(stock, ours):
         assert ("grad_norm" in a) == ("grad_norm" in b)  # logged where this release logs it
-        assert b.get("grad_norm") == pytest.approx(a.get("grad_norm"), rel=1e-5, abs=0)
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=0)
         assert b["grad_nan_count"] == b["skipped_steps"] == 0
 
 
