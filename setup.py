@@ -14,6 +14,9 @@ Environment switches (all optional):
                                when the building machine has them; the import checks that the
                                running machine has them too
   GRADSTATS_DEBUG=1            -O0 -g, for debugging the kernels
+  GRADSTATS_SANITIZE=address   the C++ built with AddressSanitizer (-fsanitize=address); run Python
+                               with LD_PRELOAD="$(gcc -print-file-name=libasan.so)" and
+                               ASAN_OPTIONS=detect_leaks=0 (Python itself is not instrumented)
   GRADSTATS_PTXAS_VERBOSE=1    print register and spill counts of every CUDA kernel (-Xptxas -v)
 """
 
@@ -182,7 +185,11 @@ def build_extension():
     cpu_isa = decide_cpu_isa()
     debug = _env("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fopenmp", "-Wall", "-Wno-psabi"]
+    sanitize = _env("SANITIZE", "")
+    if sanitize not in ("", "address"):
+        raise SystemExit(f"GRADSTATS_SANITIZE must be address (or unset); got {sanitize!r}")
+    sanitizers = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    cxx = [*opt, *sanitizers, "-fopenmp", "-Wall", "-Wno-psabi"]
     if cpu_isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
@@ -190,7 +197,7 @@ def build_extension():
         name="gradstats._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *sanitizers],
     )
     if toolkit:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
@@ -210,6 +217,7 @@ def build_extension():
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if toolkit else None,
         "cpu_isa": cpu_isa,
         "debug": debug,
+        "sanitize": sanitize or None,
     }
     (ROOT / "gradstats" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)

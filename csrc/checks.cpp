@@ -40,6 +40,19 @@ bool supported_dtype(at::ScalarType type) {
   return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
+int64_t element_reach(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  int64_t reach = 1;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 0) return 0;
+    reach += (sizes[d] - 1) * strides[d];
+  }
+  return reach;
+}
+
+bool within_storage(int64_t storage_offset, int64_t reach, int64_t itemsize, size_t storage_bytes) {
+  return reach == 0 || static_cast<size_t>((storage_offset + reach) * itemsize) <= storage_bytes;
+}
+
 bool is_walkable(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return true;
   Layout layout;
@@ -63,6 +76,13 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
     TORCH_CHECK(t.device() == device, "gradstats.", op, ": tensor ", i, " is on ", t.device(),
                 " but tensor 0 is on ", device,
                 "; the op takes the tensors of one device (the Python API groups them by device)");
+    TORCH_CHECK(
+        t.has_storage() && within_storage(t.storage_offset(), element_reach(t.sizes(), t.strides()),
+                                          t.element_size(), t.storage().nbytes()),
+        "gradstats.", op, ": tensor ", i, " (sizes ", t.sizes(), ", strides ", t.strides(),
+        ", storage offset ", t.storage_offset(), ") reaches past the end of its storage (",
+        t.has_storage() ? t.storage().nbytes() : 0,
+        " bytes); was the storage resized in place since the tensor was made?");
     // The conjugate bit changes no norm, count or real scale factor: read the memory as it is.
     at::Tensor real = t.is_complex() ? at::view_as_real(t.is_conj() ? t.conj() : t) : t;
     const auto type = real.scalar_type();

@@ -28,6 +28,15 @@ bool supported_dtype(at::ScalarType type);
 // tensors the kernels cannot walk (is_walkable) by contiguous copies.
 std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write);
 
+// Elements from a tensor's first element to one past the furthest one it reaches (0 when empty):
+// what it needs of its storage beyond its storage offset.
+int64_t element_reach(c10::IntArrayRef sizes, c10::IntArrayRef strides);
+
+// Whether a tensor of `reach` elements (element_reach) at storage_offset fits in `storage_bytes`.
+// A storage resized in place (FSDP frees and re-allocates flat parameters that way) can leave a
+// view that reaches past its end; torch does not check that, the kernels must not read there.
+bool within_storage(int64_t storage_offset, int64_t reach, int64_t itemsize, size_t storage_bytes);
+
 // Whether the kernels walk t in place: dense, or at most kMaxLayoutDims dimensions that cannot be
 // merged (layout.h). Torch allows more; such views are rare (a tensor sliced in 17 dimensions).
 bool is_walkable(const at::Tensor& t);

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -33,6 +34,10 @@ class DevicePlan {
     TORCH_CHECK(unwalkable_.empty(), "gradstats: a plan with unwalkable tensors must keep them");
     tensors_.clear();
   }
+  // Points the plan at where its tensors' elements are now: addresses[i] is the first element of
+  // tensor i (the same layout as planned; a GradPlan has just verified that). The op path plans
+  // the tensors it is given and never needs it.
+  virtual void rebind(const std::vector<uint64_t>& addresses) = 0;
   // The stats op on the plan's tensors (arguments already parsed).
   virtual StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const = 0;
   // The scale_ op on the plan's tensors (coef and counts already checked by check_scale_args).

@@ -5,13 +5,18 @@
     loss.backward()
     norm = plan.clip_grad_norm_(max_norm=1.0)   # the same keywords as gradstats.clip_grad_norm_
 
-The gradients are validated and planned once (on CUDA: the launches' tensor tables packed once) and
-re-planned only when one changes: a gradient reallocated (zero_grad(set_to_none=True)), set to None
-or given for the first time, a new shape, dtype or device. That check is native (a few pointer
-compares per parameter), so a step costs a constant number of Python calls and one native call,
-not a list of N tensors through the dispatcher. The results are bitwise those of the functional
-API. DTensor gradients, a process_group, gradients on several devices and torch.compile take the
-functional path (the same results, without the cache).
+The gradients are validated and planned once (on CUDA: the launches' tensor tables packed once);
+what a plan keeps is each gradient's layout (present or None, dtype, device, sizes, strides), never
+where it is. At every call each parameter's gradient is read from the parameter, compared with its
+planned layout and checked to fit its storage, and the kernels are pointed at it. So gradients that
+are new tensors with the same layouts (zero_grad(set_to_none=True), torch's default) keep the plan,
+and no change torch allows (a storage resized in place, set_, as_strided_, .data =, swap_tensors,
+a new dtype, shape or device, None) can make a planned call read or write memory that is not the
+gradient's: any change of layout re-plans. That check is native (a few compares per parameter), so
+a step costs a constant number of Python calls and one native call, not a list of N tensors
+through the dispatcher. The results are bitwise those of the functional API. DTensor or sparse
+gradients, a process_group, gradients on several devices and torch.compile take the functional
+path (the same results, without the cache).
 """
 
 from __future__ import annotations
@@ -71,8 +76,19 @@ class GradPlan:
 
     @property
     def builds(self) -> int:
-        """How many times the gradients were planned: once, then again after each change."""
+        """How many times the gradients were planned: once, then again after each change of a
+        gradient's layout."""
         return self._native.builds()
+
+    def same_params(self, groups: list[list[Tensor]]) -> bool:
+        """Whether these lists (an optimizer's param_groups' "params", in order) hold exactly the
+        plan's parameters, the very objects in the same order. Native: no loop in Python."""
+        if torch.compiler.is_compiling():
+            given = [p for params in groups for p in params]
+            return len(given) == len(self._params) and all(
+                a is b for a, b in zip(given, self._params)
+            )
+        return self._native.same_params(groups)
 
     def norm_dtype(self) -> torch.dtype:
         """The dtype of the gradients' norms (ops.norm_dtype)."""

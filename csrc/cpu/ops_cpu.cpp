@@ -177,6 +177,10 @@ class CpuPlan final : public DevicePlan {
     }
   }
 
+  void rebind(const std::vector<uint64_t>& addresses) override {
+    for (Source& src : plan_.sources) src.data = reinterpret_cast<char*>(addresses[src.index]);
+  }
+
   StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const override {
     // Reused from call to call (a GradPlan calls its plan every step, with the GIL held): a fresh
     // vector of a Partial per tensor would cost its allocation and page faults each time.

@@ -60,9 +60,8 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors) {
     } else {
       make_layout(empty, empty, 1, layout);
     }
-    descs.push_back(TensorDesc{reinterpret_cast<uint64_t>(t.data_ptr()),
-                               static_cast<int32_t>(t.element_size()), dtype_tag(t.scalar_type()),
-                               layout});
+    descs.push_back(
+        TensorDesc{reinterpret_cast<uint64_t>(t.data_ptr()), dtype_tag(t.scalar_type()), layout});
   }
   return descs;
 }
@@ -116,6 +115,11 @@ class CudaPlan final : public DevicePlan {
       plan_ = plan_call(descs, LargeTable::kCapacity, LargeTable::kDimCapacity);
       pack(descs, large_);
     }
+  }
+
+  void rebind(const std::vector<uint64_t>& addresses) override {
+    for (auto& table : small_) rebind_launch(addresses, *table);
+    for (auto& table : large_) rebind_launch(addresses, *table);
   }
 
   StatsOutputs stats(NormSpec spec, Nonfinite policy, double max_norm, bool wide) const override {

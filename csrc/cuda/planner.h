@@ -29,7 +29,6 @@ constexpr int64_t kMaxLaunchChunks = int64_t{1} << 30;
 // What the planner needs to know about a tensor (already validated by checks.h).
 struct TensorDesc {
   uint64_t address;  // of its first element (walk order starts there, layout.h)
-  int32_t itemsize;
   DType dtype;
   Layout layout;
 };
@@ -117,6 +116,24 @@ static_assert(kSmallDims >= 2 * kMaxLayoutDims, "every layout must fit an empty 
 // Fills `table` with one launch of a plan. Throws std::invalid_argument if it does not fit.
 template <class Table>
 void pack_launch(const std::vector<TensorDesc>& tensors, const LaunchPlan& launch, Table& table);
+
+// Where table tensor t's elements start: its address and, when flat, the elements before its
+// first 16-byte boundary (which the vectorised loads start at).
+template <class Table>
+void set_address(Table& table, int32_t t, uint64_t address) {
+  table.address[t] = address;
+  const int item = itemsize(static_cast<DType>(table.dtype[t]));
+  table.head[t] = table.ndim[t] == 0 ? static_cast<uint8_t>(vector_head(address, item)) : 0;
+}
+
+// Points a packed table at its tensors' current memory (addresses: of the call's tensors, in
+// list order), the layouts unchanged: what a plan kept between calls does at each call.
+template <class Table>
+void rebind_launch(const std::vector<uint64_t>& addresses, Table& table) {
+  for (int32_t t = 0; t < table.num_tensors; ++t) {
+    set_address(table, t, addresses.at(static_cast<size_t>(table.first_tensor) + t));
+  }
+}
 
 // The part of tensor `tensor` (table index) that chunk `begin / kChunkElems` covers.
 struct ChunkRef {
@@ -212,13 +229,12 @@ void pack_launch(const std::vector<TensorDesc>& tensors, const LaunchPlan& launc
     const int nd = table_dims(layout);
     if (dims + 2 * nd > Table::kDimCapacity) fail("its strided layouts overflow the dims pool");
     chunks += chunk_count(layout.numel);
-    table.address[t] = desc.address;
     table.numel[t] = layout.numel;
     table.chunk_end[t] = static_cast<int32_t>(std::min(chunks, kMaxLaunchChunks));
     table.dims_at[t] = static_cast<int16_t>(dims);
     table.dtype[t] = static_cast<uint8_t>(desc.dtype);
     table.ndim[t] = static_cast<uint8_t>(nd);
-    table.head[t] = nd == 0 ? static_cast<uint8_t>(vector_head(desc.address, desc.itemsize)) : 0;
+    set_address(table, t, desc.address);
     std::copy(layout.sizes, layout.sizes + nd, table.dims + dims);
     std::copy(layout.strides, layout.strides + nd, table.dims + dims + nd);
     dims += 2 * nd;

@@ -150,9 +150,8 @@ class ClipGradOptimizer(Optimizer):
             "skipped": torch.zeros((), dtype=torch.bool),
             "threshold": self._max_norm,
             "params": [],
-            # The GradPlan of the param_groups, and the groups it was made for.
+            # The GradPlan of the param_groups' parameters.
             "plan": None,
-            "plan_key": None,
         }
         # Optimizer.__init__ is not called (it would re-add the inner optimizer's groups); these
         # are the pieces of it that the hooks and the profiler need.
@@ -219,7 +218,7 @@ class ClipGradOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # The GradPlan holds native state for these very parameters: made again after a copy.
-        state["_run"] = {**self._run, "plan": None, "plan_key": None}
+        state["_run"] = {**self._run, "plan": None}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -263,15 +262,15 @@ class ClipGradOptimizer(Optimizer):
         return loss
 
     def _plan(self) -> GradPlan:
-        """The GradPlan of every parameter of the param_groups, made again when the groups change
-        (add_param_group, or a group's params replaced): a step costs no loop over the
-        parameters in Python."""
+        """The GradPlan of every parameter of the param_groups, made again when they are not the
+        plan's parameters any more (add_param_group, a group's list or one of its parameters
+        replaced): compared object by object, natively, so a step costs no loop in Python."""
         run = self._run
-        key = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
-        if run["plan_key"] != key:
-            run["plan"] = GradPlan([p for g in self.param_groups for p in g["params"]])
-            run["plan_key"] = key
-        return run["plan"]
+        groups = [g["params"] for g in self.param_groups]
+        plan = run["plan"]
+        if plan is None or not plan.same_params(groups):
+            plan = run["plan"] = GradPlan([p for params in groups for p in params])
+        return plan
 
     def _param_names(self, params: list[Tensor]) -> list[str]:
         """Names from named_parameters() when the groups have them, else param_groups[i][j]."""

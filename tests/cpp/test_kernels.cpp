@@ -106,7 +106,7 @@ HostTensor make_tensor(DType dtype, std::vector<int64_t> sizes, std::vector<int6
 }
 
 TensorDesc describe(HostTensor& t) {
-  return TensorDesc{reinterpret_cast<uint64_t>(t.data()), itemsize(t.dtype), t.dtype, t.layout};
+  return TensorDesc{reinterpret_cast<uint64_t>(t.data()), t.dtype, t.layout};
 }
 
 struct Outputs {

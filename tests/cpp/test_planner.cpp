@@ -2,6 +2,7 @@
 // so runs without a GPU. Built and run by tests/test_planner.py; prints one line per failed check
 // and ends with "N passed, N failed".
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -41,7 +42,7 @@ uint64_t address_of(int i, uint64_t offset = 0) {
 
 TensorDesc strided_desc(std::vector<int64_t> sizes, std::vector<int64_t> strides, DType dtype,
                         uint64_t address) {
-  TensorDesc d{address, itemsize(dtype), dtype, Layout{}};
+  TensorDesc d{address, dtype, Layout{}};
   if (!make_layout(sizes.data(), strides.data(), static_cast<int>(sizes.size()), d.layout)) {
     throw std::logic_error("test layout does not fit");
   }
@@ -145,6 +146,34 @@ void test_misaligned_chunks_align_packs() {
   }
 }
 
+// A table rebound to new addresses (a plan kept between calls, the gradients now elsewhere) is
+// the table packed for those addresses: the same addresses and heads, the rest untouched.
+void test_rebind_is_a_fresh_pack() {
+  std::vector<TensorDesc> before;
+  std::vector<TensorDesc> after;
+  std::vector<uint64_t> addresses;
+  const std::vector<DType> dtypes = {DType::kFloat64, DType::kFloat32, DType::kFloat16,
+                                     DType::kBFloat16};
+  for (int i = 0; i < 12; ++i) {
+    const DType dtype = dtypes[i % dtypes.size()];
+    const uint64_t moved = address_of(i + 20, static_cast<uint64_t>(itemsize(dtype) * (i % 4)));
+    before.push_back(i % 3 == 2 ? strided_desc({4, 5}, {10, 1}, dtype, address_of(i))
+                                : flat_desc(kChunkElems + i, dtype, address_of(i)));
+    after.push_back(before.back());
+    after.back().address = moved;
+    addresses.push_back(moved);
+  }
+  const CallPlan plan = plan_call(before, kSmallTensors, kSmallDims);
+  auto rebound = std::make_unique<SmallTable>();
+  auto fresh = std::make_unique<SmallTable>();
+  pack_launch(before, plan.launches[0], *rebound);
+  rebind_launch(addresses, *rebound);
+  pack_launch(after, plan.launches[0], *fresh);
+  check(std::memcmp(rebound.get(), fresh.get(), sizeof(SmallTable)) == 0,
+        "a rebound table equals the table packed at the new addresses");
+  check(rebound->head[1] != 0 || rebound->head[3] != 0, "the new addresses are misaligned");
+}
+
 void test_empty_lists_and_tensors() {
   const CallPlan none = plan_call({}, kSmallTensors, kSmallDims);
   check_eq(none.launches.size(), 1, "an empty list still has the launch that writes totals");
@@ -239,7 +268,7 @@ void test_launch_split_by_capacity() {
   for (int i = 0; i < 11; ++i) {
     check_eq(table->dtype[i], static_cast<int>(dtypes[i % 4]),
              "dtype tag of tensor " + std::to_string(i));
-    check_eq(table->head[i], vector_head(tensors[i].address, tensors[i].itemsize),
+    check_eq(table->head[i], vector_head(tensors[i].address, itemsize(tensors[i].dtype)),
              "head of tensor " + std::to_string(i));
     check_eq(table->address[i], tensors[i].address, "address of tensor " + std::to_string(i));
   }
@@ -350,6 +379,7 @@ int main() {
   test_chunk_count();
   test_vector_head_and_split();
   test_misaligned_chunks_align_packs();
+  test_rebind_is_a_fresh_pack();
   test_empty_lists_and_tensors();
   test_chunk_boundaries();
   test_huge_tensor();
