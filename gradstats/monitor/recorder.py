@@ -94,7 +94,8 @@ class GradMonitor(MonitorReader):
         dump_dir: where the flight record (monitor.dump) is written by itself once a NaN/Inf or an
             exploding step was seen, at the first read-back after it (history, diagnose, report,
             scalars, plot), at close() and at exit; the report names the file, and so does
-            monitor.dumped (None until then).
+            monitor.dumped (None until then). A write that fails warns once, is named in the
+            report and is not tried again; it never leaves a partial file.
 
     The thresholds used to be keyword arguments of their own (explode_factor=..., ...); those
     still work, with a DeprecationWarning.
@@ -130,6 +131,7 @@ class GradMonitor(MonitorReader):
         self.max_norm = None if max_norm is None else float(max_norm)
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.dumped: Path | None = None
+        self._dump_failed: str | None = None
         self.names = tuple(n for n, _ in named)
         self._params = [p for _, p in named]
         self._column = {id(p): i for i, p in enumerate(self._params)}
