@@ -164,9 +164,22 @@ def test_missing_values_name_features_first_steps_and_rows():
     missing = [f for f in bad_inputs(monitor) if f.evidence["kind"] == "missing_values"]
     (finding,) = missing
     assert (finding.step, finding.evidence["features"], finding.evidence["nan"]) == (5, (2, 0), 2)
-    assert "2 row(s) at that step" in finding.message
+    assert "(2 NaN value(s) at that step, in 2 row(s))" in finding.message
     assert "0 (first at step 8)" in finding.message
     assert finding.evidence["steps_affected"] == 2
+
+
+def test_missing_values_count_values_not_rows_and_bound_the_rows():
+    """A row with NaN in 3 features is 3 NaN values in 1 row, not "3 rows"; per-feature counts
+    bound the rows (1 to 3) but do not say which: the message gives the bounds."""
+    model = nn.Linear(4, 1)
+    monitor = GradMonitor(model)
+    x = torch.randn(8, 4)
+    x[6, :3] = NAN
+    model(x)
+    (finding,) = [f for f in bad_inputs(monitor) if f.evidence["kind"] == "missing_values"]
+    assert finding.evidence["nan"] == 3
+    assert "(3 NaN value(s) at that step, in 1 to 3 row(s))" in finding.message
 
 
 # -------------------------------------------------------------------------- no false alarms

@@ -16,6 +16,18 @@ from gradstats.monitor.report import NAMED_AT_MOST, fmt, fmt_int, listed
 _TABLE_NDIM = 2
 
 
+def _nan_rows(f: InputFeatures, row: int, features: list[int], total: float) -> str:
+    """', in 2 row(s)' or ', in 1 to 3 row(s)': the rows of a table input holding the NaN at one
+    step, as far as per-feature counts tell (at least the largest count, at most their sum and
+    the rows seen); '' for other inputs."""
+    if f.ndim != _TABLE_NDIM:
+        return ""
+    least = int(f.nan[row, features].max())
+    seen = f.count[row] + f.nan[row] + f.inf[row]  # every row holds one value of each feature
+    most = int(min(total, seen.max()))
+    return f", in {least} row(s)" if least == most else f", in {least} to {most} row(s)"
+
+
 def _features(indices, values: dict[str, np.ndarray]) -> str:
     """'2 (mean 2.3e3, std 410), 5 (...)' for at most report.NAMED_AT_MOST features."""
     return listed(
@@ -27,7 +39,8 @@ def _features(indices, values: dict[str, np.ndarray]) -> str:
 
 
 def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
-    """NaN in the input: which features, the first step each had them, how many values (rows)."""
+    """NaN in the input: which features, the first step each had them, how many values (and, for
+    tables, in how many rows)."""
     seen = f.first_nan >= 0
     if not seen.any():
         return None
@@ -41,11 +54,12 @@ def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
         for j in features[:NAMED_AT_MOST]
     )
     affected = int((f.nan.sum(axis=1) > 0).sum())
-    unit = "row(s)" if f.ndim == _TABLE_NDIM else "value(s)"
     total = float(counts[features].sum()) if at_step.size else float("nan")
+    rows = _nan_rows(f, int(at_step[0]), features, total) if at_step.size else ""
     message = (
         f"missing values: NaN in {len(features)} of the {f.num_features} features of {f.site} "
-        f"from step {step} ({fmt_int(total)} {unit} at that step): features {per_feature}; "
+        f"from step {step} ({fmt_int(total)} NaN value(s) at that step{rows}): features "
+        f"{per_feature}; "
         f"{affected} of the kept steps had NaN inputs. Non-finite inputs make the loss and every "
         "gradient NaN."
     )
