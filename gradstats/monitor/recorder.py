@@ -300,23 +300,29 @@ class GradMonitor(MonitorReader):
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         try:
             leaves: list[tuple[str, Tensor]] = []
+            unread: list[tuple[str, str]] = []
             for i, arg in enumerate(args):
-                floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves)
+                floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves, unread)
             for key, arg in kwargs.items():
-                floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves)
-            self._watch(leaves, is_input=True)
+                floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves, unread)
+            self._watch(leaves, unread, is_input=True)
         except Exception as exc:  # the monitor must never make the user's forward fail
             self._notes.add(INPUT_SITE, failed(exc))
 
     def _on_output(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             leaves: list[tuple[str, Tensor]] = []
-            floating_leaves(name, output, leaves)
-            self._watch(leaves, is_input=False)
+            unread: list[tuple[str, str]] = []
+            floating_leaves(name, output, leaves, unread)
+            self._watch(leaves, unread, is_input=False)
         except Exception as exc:  # the monitor must never make the user's forward fail
             self._notes.add(name, failed(exc))
 
-    def _watch(self, leaves: list[tuple[str, Tensor]], is_input: bool) -> None:
+    def _watch(
+        self, leaves: list[tuple[str, Tensor]], unread: list[tuple[str, str]], is_input: bool
+    ) -> None:
+        for name, why in unread:
+            self._notes.add(name, why)
         names: list[str] = []
         tensors: list[Tensor] = []
         for name, leaf in leaves:
