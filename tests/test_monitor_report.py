@@ -163,3 +163,13 @@ def test_the_norm_summary_leaves_out_nan_steps():
     # Four parameters of norm CLEAN_NORM each: the clean steps' total is twice it.
     summary = f"total gradient norm median {2 * CLEAN_NORM:g}, max {2 * CLEAN_NORM:g}"
     assert f"{summary} over the 4 steps with finite gradients" in report
+
+
+def test_nan_gradient_advice_points_only_to_findings_that_exist():
+    (alone,) = nan_run(6, nan_steps={3}).diagnose()
+    assert "see the other findings" not in alone.advice
+    assert "no other finding points to it" in alone.advice
+    findings = nan_run(6, nan_steps={3}, nan_input_step=3).diagnose()
+    assert_diagnosis(findings, {"bad_input": 3, "nonfinite_gradients": 3})
+    nonfinite = next(f for f in findings if f.cause == "nonfinite_gradients")
+    assert "see the other findings (Bad input data at step 3)" in nonfinite.advice
