@@ -6,6 +6,18 @@ torch's own (training frameworks: accelerate, Lightning's precision plugins, use
         trainer.train()
     gradstats.unpatch_torch()            # torch's functions back, exactly
 
+Patches are layers on a stack, so that two libraries (or a library and a user) can each apply
+one and end it whenever they like, nested or not:
+
+- the functions in place are those of the newest active patch (for the names it replaces);
+- restore() removes only its own layer: restoring the newest puts back what it replaced (the
+  layer below, or what was there before any patch); restoring an older one changes nothing in
+  place, and the patch above it now sits on what the older one had replaced;
+- a function someone else installed by hand is kept: restore() writes a name only where it still
+  holds that patch's function, and a hand-installed function under a later patch comes back when
+  that patch ends;
+- unpatch_torch() ends every patch (each one's `active` is then False) and puts torch's back.
+
 Callers look the functions up at call time (`torch.nn.utils.clip_grad_norm_(...)`), so replacing
 the module attributes reroutes them; a name imported before the patch (`from torch.nn.utils import
 clip_grad_norm_`) keeps torch's function. torch.compile traces whichever function the attribute
@@ -14,6 +26,7 @@ holds when it compiles, and recompiles when it changes.
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +68,12 @@ _TORCH: dict[Slot, Any] = {
 }
 
 
+# The active patches, oldest first; the lock keeps threads that apply and end patches from
+# interleaving their reads and writes of the stack and the functions.
+_LAYERS: list[TorchPatch] = []
+_LOCK = threading.RLock()
+
+
 def _install(functions: dict[Slot, Any]) -> None:
     for (module, attr), function in functions.items():
         setattr(module, attr, function)
@@ -65,33 +84,45 @@ def _current() -> dict[Slot, Any]:
 
 
 class TorchPatch:
-    """An applied patch_torch(). As a context manager, its exit (or restore()) puts back the
-    functions that were in place before it: torch's, or those of an enclosing patch. A function
-    replaced again since (by a later patch, or unpatch_torch()) is left as it is."""
+    """An applied patch_torch(), one layer on the stack of patches (see the module's docstring).
+    As a context manager, its exit (or restore()) removes its layer."""
 
     def __init__(self, functions: dict[str, Callable[..., Any]]) -> None:
-        self._previous = _current()
         self._installed = {slot: functions[name] for name in functions for slot in _slots(name)}
-        self._active = True
-        _install(self._installed)
+        with _LOCK:
+            # What this patch replaced, per name: put back when it is the newest and ends, or
+            # handed to the patch above it when it ends below that one.
+            self._below = _current()
+            _LAYERS.append(self)
+            _install(self._installed)
 
     @property
     def active(self) -> bool:
-        """Whether restore() has yet to run."""
-        return self._active
+        """Whether this patch is still a layer: neither restore() nor unpatch_torch() has ended
+        it."""
+        return any(layer is self for layer in _LAYERS)
 
     def restore(self) -> None:
-        """Puts back what this patch replaced (once; later calls do nothing)."""
-        if not self._active:
-            return
-        self._active = False
-        _install(
-            {
-                slot: self._previous[slot]
-                for slot, function in self._installed.items()
-                if getattr(*slot) is function
-            }
-        )
+        """Removes this patch's layer (once; later calls do nothing): the newest patch puts back
+        what it replaced; an older one leaves the functions in place as they are."""
+        with _LOCK:
+            at = next((i for i, layer in enumerate(_LAYERS) if layer is self), None)
+            if at is None:
+                return
+            del _LAYERS[at]
+            if at < len(_LAYERS):
+                above = _LAYERS[at]
+                for slot, function in self._installed.items():
+                    if above._below[slot] is function:
+                        above._below[slot] = self._below[slot]
+                return
+            _install(
+                {
+                    slot: self._below[slot]
+                    for slot, function in self._installed.items()
+                    if getattr(*slot) is function
+                }
+            )
 
     def __enter__(self) -> TorchPatch:
         return self
@@ -101,7 +132,7 @@ class TorchPatch:
 
     def __repr__(self) -> str:
         names = ", ".join(f"{module.__name__}.{attr}" for module, attr in self._installed)
-        return f"TorchPatch({'active' if self._active else 'restored'}: {names})"
+        return f"TorchPatch({'active' if self.active else 'restored'}: {names})"
 
 
 def patch_torch(
@@ -116,10 +147,12 @@ def patch_torch(
     differences listed in gradstats.clip), so that code calling torch's clips through gradstats.
 
     A one-line global call, or a context manager (`with gradstats.patch_torch(): ...`) that puts
-    back on exit what was there before. Calling it again changes nothing; unpatch_torch() restores
-    torch's functions whatever was patched. A keyword installs another function under that name
-    instead of gradstats' (the integrations install a clip_grad_norm_ that also keeps the step's
-    statistics); it must take the same arguments as torch's.
+    back on exit what was there before. Calling it again adds a layer with the same functions;
+    ending patches in any order leaves the newest active one's functions in place (the module's
+    docstring); unpatch_torch() restores torch's functions whatever was patched. A keyword
+    installs another function under that name instead of gradstats' (the integrations install a
+    clip_grad_norm_ that also keeps the step's statistics); it must take the same arguments as
+    torch's.
     """
     chosen = {
         "clip_grad_norm_": clip_grad_norm_,
@@ -139,5 +172,7 @@ def patch_torch(
 
 def unpatch_torch() -> None:
     """Puts torch's own clipping functions back in torch.nn.utils and torch.nn.utils.clip_grad,
-    the very objects that were there before gradstats patched anything."""
-    _install(_TORCH)
+    the very objects that were there before gradstats patched anything, and ends every patch."""
+    with _LOCK:
+        _LAYERS.clear()
+        _install(_TORCH)

@@ -4,6 +4,7 @@ unscaled features, outliers; and no false alarm on healthy training with real da
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +128,59 @@ def test_unscaled_features_are_named_with_their_scales():
     assert "features 4 (mean" in finding.advice
 
 
+# The advice's numbers: "3 (mean 1407, std 1123)", or "(mean 5000, constant)", or "(mean 5)".
+ADVISED = re.compile(r"(\d+) \(mean ([^,)]+)(?:, std ([^,)]+)|, (constant))?\)")
+# The advice writes 3 significant digits.
+ADVICE_RTOL = 5e-3
+
+
+def advised(finding) -> dict[int, tuple[float, str | None]]:
+    """{feature: (mean, std as written or "constant" or None)} from an unscaled-features advice."""
+    return {
+        int(j): (float(mean), std or constant or None)
+        for j, mean, std, constant in ADVISED.findall(finding.advice)
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_unscaled_advice_gives_each_features_own_spread(batch):
+    """The std to standardize with is the spread of all the values seen (what StandardScaler
+    fitted on them finds), not the median within-batch std (0 with batch size 1, about half the
+    true one with batch size 2)."""
+    means, stds = torch.tensor([0.0, 10.0, 2000.0]), torch.tensor([1.0, 50.0, 3000.0])
+    gen = torch.Generator().manual_seed(0)
+    seen = [means + stds * torch.randn(batch, 3, generator=gen) for _ in range(200)]
+    model = nn.Linear(3, 1)
+    monitor = GradMonitor(model)
+    for x in seen:
+        model(x).sum().backward()
+        monitor.step()
+    (finding,) = bad_inputs(monitor)
+    values = torch.cat(seen).double().numpy()
+    got = advised(finding)
+    assert sorted(got) == [0, 1, 2]
+    for j, (mean, std) in got.items():
+        assert mean == pytest.approx(values[:, j].mean(), rel=ADVICE_RTOL, abs=ADVICE_RTOL)
+        assert float(std) == pytest.approx(values[:, j].std(), rel=ADVICE_RTOL)
+
+
+def test_unscaled_advice_gives_no_spread_it_does_not_know():
+    """One value per feature: no spread is known, so none is written (never "std 0"); a constant
+    feature is said to be constant (dividing by its std 0 is no advice)."""
+    model = nn.Linear(3, 1)
+    one = GradMonitor(model)
+    model(torch.tensor([[1e-3, 1.0, 5000.0]]))
+    one.close()
+    (finding,) = bad_inputs(one)
+    assert advised(finding) == {2: (5000.0, None), 1: (1.0, None), 0: (1e-3, None)}
+    constant = GradMonitor(model)
+    for x, _ in tabular(10, [1e-3, 1.0, 0.0]):
+        model(x + torch.tensor([0.0, 0.0, 5000.0])).sum().backward()
+        constant.step()
+    (finding,) = bad_inputs(constant)
+    assert advised(finding)[2] == (5000.0, "constant")
+
+
 def test_scales_spread_over_orders_of_magnitude_are_unscaled():
     """No feature above the RMS limit, but 1e-4 next to 10: a 1e5-fold spread."""
     model = nn.Linear(3, 1)
@@ -164,9 +218,22 @@ def test_missing_values_name_features_first_steps_and_rows():
     missing = [f for f in bad_inputs(monitor) if f.evidence["kind"] == "missing_values"]
     (finding,) = missing
     assert (finding.step, finding.evidence["features"], finding.evidence["nan"]) == (5, (2, 0), 2)
-    assert "2 row(s) at that step" in finding.message
+    assert "(2 NaN value(s) at that step, in 2 row(s))" in finding.message
     assert "0 (first at step 8)" in finding.message
     assert finding.evidence["steps_affected"] == 2
+
+
+def test_missing_values_count_values_not_rows_and_bound_the_rows():
+    """A row with NaN in 3 features is 3 NaN values in 1 row, not "3 rows"; per-feature counts
+    bound the rows (1 to 3) but do not say which: the message gives the bounds."""
+    model = nn.Linear(4, 1)
+    monitor = GradMonitor(model)
+    x = torch.randn(8, 4)
+    x[6, :3] = NAN
+    model(x)
+    (finding,) = [f for f in bad_inputs(monitor) if f.evidence["kind"] == "missing_values"]
+    assert finding.evidence["nan"] == 3
+    assert "(3 NaN value(s) at that step, in 1 to 3 row(s))" in finding.message
 
 
 # -------------------------------------------------------------------------- no false alarms

@@ -3,8 +3,13 @@ the device beyond the window, written by dump() or by itself with dump_dir."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +126,86 @@ def test_the_recorder_adds_no_host_read():
             set_grads(model, math.nan if step == WINDOW else 1.0)
             monitor.step()
     assert monitor.num_steps == 3 * WINDOW
+
+
+def _full_disk(monkeypatch, errno_code: int, written_share: float) -> None:
+    """Every Path.write_text writes this share of its text, then fails as a full disk (ENOSPC) or a
+    read-only mount (EROFS) does."""
+    real = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        real(self, data[: int(len(data) * written_share)], *args, **kwargs)
+        raise OSError(errno_code, os.strerror(errno_code), str(self))
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def _assert_failed_once(monitor: GradMonitor, dump_dir: Path, why: str) -> None:
+    """Every read-back works while the flight record cannot be written; one warning says why, and
+    no file (partial, empty or temporary) is left behind."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = monitor.report()
+        monitor.scalars()
+        monitor.diagnose()
+        monitor.history()
+        monitor.close()
+    said = [str(w.message) for w in caught if "flight record" in str(w.message)]
+    assert len(said) == 1, said
+    assert why in said[0] and "gradmonitor_step3.json" in said[0]
+    assert monitor.dumped is None
+    assert "NaN/Inf gradients at step 3" in report
+    assert f"Flight record not written: {dump_dir / 'gradmonitor_step3.json'}" in report
+    assert not dump_dir.exists() or not list(dump_dir.iterdir())
+
+
+@pytest.mark.parametrize(("errno_code", "written_share"), [(errno.ENOSPC, 0.5), (errno.EROFS, 0.0)])
+def test_a_full_disk_or_read_only_mount_leaves_no_file_and_warns_once(
+    tmp_path, monkeypatch, errno_code, written_share
+):
+    monitor = run(10, bad_step=3, dump_dir=tmp_path)
+    _full_disk(monkeypatch, errno_code, written_share)
+    _assert_failed_once(monitor, tmp_path, os.strerror(errno_code))
+
+
+def test_a_dump_dir_under_a_file_warns_once(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    dump_dir = tmp_path / "file" / "monitor"
+    _assert_failed_once(run(10, bad_step=3, dump_dir=dump_dir), dump_dir, "Not a directory")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_dump_dir_warns_once(tmp_path):
+    dump_dir = tmp_path / "monitor"
+    dump_dir.mkdir()
+    dump_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        _assert_failed_once(run(10, bad_step=3, dump_dir=dump_dir), dump_dir, "Permission denied")
+    finally:
+        dump_dir.chmod(stat.S_IRWXU)
+
+
+def test_an_explicit_dump_on_a_full_disk_raises_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    monitor = run(10, bad_step=3)
+    _full_disk(monkeypatch, errno.ENOSPC, 0.5)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        monitor.dump(tmp_path / "flight.json")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_plotting_keeps_the_record_and_no_partial_plot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def savefig(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monitor = run(10, bad_step=3, dump_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="gradmonitor_step3.png"):
+        monitor.report()
+    path = tmp_path / "gradmonitor_step3.json"
+    assert monitor.dumped == path
+    assert json.loads(path.read_text())["trigger"]["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -124,3 +125,51 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install gradstats\[plot\]"):
         monitor.plot(tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------ NaN runs
+
+
+# Per-parameter gradient norms of the clean steps, and of the NaN steps' finite values.
+CLEAN_NORM = 3.0
+NAN_STEP_NORM = 1000.0
+
+
+def nan_run(steps: int, nan_steps, nan_input_step: int | None = None) -> GradMonitor:
+    """Gradients of norm CLEAN_NORM per parameter; at nan_steps of NAN_STEP_NORM with one NaN
+    value; at nan_input_step one input value is NaN as well."""
+    model = small_mlp()
+    monitor = GradMonitor(model)
+    for step in range(steps):
+        x = torch.randn(2, 4)
+        if step == nan_input_step:
+            x[0, 1] = math.nan
+        model(x)
+        set_grads(model, NAN_STEP_NORM if step in nan_steps else CLEAN_NORM)
+        if step in nan_steps:
+            model[0].bias.grad[0] = math.nan
+        monitor.step()
+    return monitor
+
+
+def test_a_run_with_no_finite_step_says_so_not_norm_0():
+    report = nan_run(6, nan_steps=range(6)).report()
+    assert "no step had finite gradients (NaN/Inf in all 6 kept steps)" in report
+    assert "total gradient norm median" not in report
+
+
+def test_the_norm_summary_leaves_out_nan_steps():
+    report = nan_run(6, nan_steps={1, 4}).report()
+    # Four parameters of norm CLEAN_NORM each: the clean steps' total is twice it.
+    summary = f"total gradient norm median {2 * CLEAN_NORM:g}, max {2 * CLEAN_NORM:g}"
+    assert f"{summary} over the 4 steps with finite gradients" in report
+
+
+def test_nan_gradient_advice_points_only_to_findings_that_exist():
+    (alone,) = nan_run(6, nan_steps={3}).diagnose()
+    assert "see the other findings" not in alone.advice
+    assert "no other finding points to it" in alone.advice
+    findings = nan_run(6, nan_steps={3}, nan_input_step=3).diagnose()
+    assert_diagnosis(findings, {"bad_input": 3, "nonfinite_gradients": 3})
+    nonfinite = next(f for f in findings if f.cause == "nonfinite_gradients")
+    assert "see the other findings (Bad input data at step 3)" in nonfinite.advice

@@ -3,6 +3,8 @@ and keeps its memory bounded by its window whatever runs between two steps."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -101,6 +103,70 @@ def test_what_cannot_be_read_is_named_once():
         "1: not watched: a meta tensor holds no values (2 times)",
     )
     assert "1: not watched: a meta tensor" in monitor.report()
+
+
+@dataclasses.dataclass
+class Batch:
+    features: torch.Tensor
+    extra: dict
+
+
+Pair = collections.namedtuple("Pair", ["left", "right"])
+
+
+class Opaque:
+    """A batch class the monitor cannot look into."""
+
+    def __init__(self, features):
+        self.features = features
+
+
+class ReadsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, batch, *, flag=None, name="", count=0):
+        if isinstance(batch, Pair):
+            return self.linear(batch.left + batch.right)
+        return self.linear(batch.features)
+
+
+def test_dataclass_and_namedtuple_batches_are_read_by_field():
+    model = ReadsFeatures()
+    monitor = GradMonitor(model)
+    x = torch.randn(3, 4)
+    x[1, 2] = NAN
+    model(Batch(x, {"pair": Pair(torch.ones(3, 4), torch.zeros(3, 4))})).sum().backward()
+    monitor.step()
+    model(Pair(torch.randn(3, 4), torch.randn(3, 4)), flag=True, name="b", count=2)
+    h = monitor.history()
+    assert h.sites == (
+        "input[0][features]",
+        "input[0][extra][pair][left]",
+        "input[0][extra][pair][right]",
+        "input[0][left]",
+        "input[0][right]",
+    )
+    bad = [f for f in monitor.diagnose() if f.cause == "bad_input"]
+    assert [(f.step, f.where) for f in bad] == [(0, ("input[0][features]",))]
+    assert h.unwatched == ()  # None, bool, str and int arguments hold no values to watch
+
+
+def test_an_unread_batch_is_named_not_watched():
+    """NaN inside an object the monitor cannot read: the report says the input was not watched,
+    rather than nothing (and then blaming the gradients alone)."""
+    model = ReadsFeatures()
+    monitor = GradMonitor(model)
+    x = torch.randn(3, 4)
+    x[0, 0] = NAN
+    for _ in range(2):
+        model(Opaque(x)).sum().backward()
+        monitor.step()
+    (line,) = monitor.history().unwatched
+    assert line.startswith("input[0]: not watched: type Opaque is not read (")
+    assert line.endswith("(2 times)")
+    assert "Not watched (the rest was):" in monitor.report()
 
 
 def test_healthy_runs_have_nothing_unwatched():

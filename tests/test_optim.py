@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -611,6 +612,21 @@ def test_plain_optimizer_loads_the_wrappers_checkpoint_and_back():
     assert fresh.state_dict()["param_groups"] == wrapper_sd["param_groups"]
 
 
+# Counters a checkpoint must not load: negative, bool (True is no count), text, nothing, beyond
+# int64, several values, a float; the first counter is good in the last case, the second not.
+BAD_COUNTERS = [
+    ("skipped_steps", -1),
+    ("skipped_steps", torch.tensor(-3)),
+    ("skipped_steps", True),
+    ("consecutive_nonfinite", torch.tensor(True)),
+    ("skipped_steps", "3"),
+    ("skipped_steps", None),
+    ("skipped_steps", 2**64),
+    ("skipped_steps", [1, 2]),
+    ("consecutive_nonfinite", 2.0),
+]
+
+
 def test_bad_wrapper_state_is_rejected_before_anything_changes():
     _, opt, _, _ = train_wrapped("cpu", "adamw-forloop", poison_at={NAN_STEP})
     good = opt.state_dict()
@@ -625,6 +641,14 @@ def test_bad_wrapper_state_is_rejected_before_anything_changes():
     with pytest.raises(ValueError, match="must be one integer"):
         fresh.load_state_dict(bad)
     assert len(fresh.state) == 0
+
+    for key, value in BAD_COUNTERS:
+        bad = dict(good, **{STATE_KEY: {**good[STATE_KEY], key: value}})
+        expected = f"state_dict['{STATE_KEY}']['{key}'] must be one integer >= 0 (an int or a"
+        with pytest.raises(ValueError, match=re.escape(expected)) as caught:
+            fresh.load_state_dict(bad)
+        assert f"got {value!r}" in str(caught.value)
+        assert len(fresh.state) == 0 and int(fresh.skipped_steps) == 0
 
     adaptive = gradstats.ClipGradOptimizer(
         OPTIMIZERS["adamw-forloop"](make_model("cpu").parameters()),

@@ -109,6 +109,70 @@ def test_a_function_replaced_since_is_left_alone():
     assert_torch()
 
 
+def two_libraries():
+    """Two patches, each with its own clip_grad_norm_ (two libraries calling patch_torch())."""
+
+    def first(*args, **kwargs):
+        return None
+
+    def second(*args, **kwargs):
+        return None
+
+    return first, second
+
+
+def test_restoring_an_earlier_patch_keeps_the_later_one():
+    """Non-nested lifetimes: A, then B, then A restored. B's functions stay in place (all of
+    them, also those both install) and B is still active; restoring B then gives torch's back."""
+    first, second = two_libraries()
+    a = gradstats.patch_torch(clip_grad_norm_=first)
+    b = gradstats.patch_torch(clip_grad_norm_=second)
+    a.restore()
+    assert (a.active, b.active) == (False, True)
+    assert torch.nn.utils.clip_grad_norm_ is second
+    assert torch.nn.utils.get_total_norm is gradstats.get_total_norm
+    assert clip_grad_module._get_total_norm is gradstats.get_total_norm
+    b.restore()
+    assert not b.active
+    assert_torch()
+
+
+def test_restoring_a_middle_patch_removes_only_its_layer():
+    first, second = two_libraries()
+    a = gradstats.patch_torch(clip_grad_norm_=first)
+    b = gradstats.patch_torch()
+    c = gradstats.patch_torch(clip_grad_norm_=second)
+    b.restore()
+    assert torch.nn.utils.clip_grad_norm_ is second
+    c.restore()
+    assert torch.nn.utils.clip_grad_norm_ is first and a.active
+    a.restore()
+    assert_torch()
+
+
+def test_unpatch_torch_ends_every_patch():
+    a, b = gradstats.patch_torch(), gradstats.patch_torch()
+    gradstats.unpatch_torch()
+    assert (a.active, b.active) == (False, False)
+    assert "restored" in repr(a)
+    a.restore()  # nothing left to undo
+    assert_torch()
+
+
+def test_a_function_set_by_someone_else_under_a_later_patch_is_kept():
+    """A function installed by hand while a patch was active is what the later patch replaced:
+    it comes back when both patches are gone, in whatever order they go."""
+    first, foreign = two_libraries()
+    a = gradstats.patch_torch(clip_grad_norm_=first)
+    torch.nn.utils.clip_grad_norm_ = foreign
+    b = gradstats.patch_torch()
+    a.restore()
+    assert torch.nn.utils.clip_grad_norm_ is gradstats.clip_grad_norm_
+    b.restore()
+    assert torch.nn.utils.clip_grad_norm_ is foreign
+    torch.nn.utils.clip_grad_norm_ = TORCH[(torch.nn.utils, "clip_grad_norm_")]
+
+
 def test_a_replacement_function():
     calls = []
 

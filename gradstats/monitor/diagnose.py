@@ -47,14 +47,8 @@ def _owner(name: str) -> str:
 
 def diagnose_history(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     """Applies the detection rules to a history; findings sorted by step, then cause."""
-    findings = [
-        *bad_input(h, th),
-        *_nonfinite_gradients(h),
-        *_nonfinite_activations(h),
-        *_exploding(h, th),
-        *_vanishing(h, th),
-    ]
-    findings = _cross_reference(findings)
+    others = [*bad_input(h, th), *_nonfinite_activations(h), *_exploding(h, th), *_vanishing(h, th)]
+    findings = _cross_reference([*others, *_nonfinite_gradients(h, others)])
     return sorted(findings, key=lambda f: (f.step, _ORDER.index(f.cause)))
 
 
@@ -283,7 +277,9 @@ def _vanishing(h: MonitorHistory, th: MonitorThresholds) -> list[Finding]:
     return [Finding("vanishing_gradients", where, step, evidence, message, advice)]
 
 
-def _nonfinite_gradients(h: MonitorHistory) -> list[Finding]:
+def _nonfinite_gradients(h: MonitorHistory, others: list[Finding]) -> list[Finding]:
+    """The first step and parameters with NaN/Inf gradients; its advice points to the other
+    findings (others) only when there are some."""
     first = h.grad_first_nonfinite
     if not (first >= 0).any():
         return []
@@ -307,11 +303,20 @@ def _nonfinite_gradients(h: MonitorHistory) -> list[Finding]:
         f"{h.steps.size} kept steps had NaN/Inf gradients (last at step {last})."
     )
     evidence = {"nan": nan, "inf": inf, "steps_affected": float(affected), "last_step": float(last)}
+    if others:
+        ordered = sorted(others, key=lambda g: (g.step, _ORDER.index(g.cause)))
+        seen = listed([f"{TITLES[g.cause]} at step {g.step}" for g in ordered])
+        source = f"see the other findings ({seen}), and check the loss"
+    else:
+        source = "no other finding points to it, so check the loss"
+    unwatched = (
+        "; also look at what the monitor could not watch (Not watched)" if h.unwatched else ""
+    )
     advice = (
         "Keep such steps from reaching the weights: gradstats.ClipGradOptimizer(optimizer, "
         "max_norm=..., on_nonfinite='skip') or clip_grad_norm_(..., on_nonfinite='skip'). Then "
-        "remove the source: see the other findings (bad input, exploding gradients) and check the "
-        "loss for log(0) or division by zero. With float16, use torch.amp.GradScaler or bfloat16."
+        f"remove the source: {source} for log(0) or division by zero{unwatched}. With float16, "
+        "use torch.amp.GradScaler or bfloat16."
     )
     if all(h.site_is_input):
         advice += (

@@ -14,20 +14,62 @@ from gradstats.monitor.report import NAMED_AT_MOST, fmt, fmt_int, listed
 
 # Inputs with 2 dimensions are tables: a feature's NaN count is its number of rows with NaN.
 _TABLE_NDIM = 2
+# A standard deviation needs at least two values; with one it is not known (not 0).
+_VALUES_FOR_A_SPREAD = 2
+
+
+def _nan_rows(f: InputFeatures, row: int, features: list[int], total: float) -> str:
+    """', in 2 row(s)' or ', in 1 to 3 row(s)': the rows of a table input holding the NaN at one
+    step, as far as per-feature counts tell (at least the largest count, at most their sum and
+    the rows seen); '' for other inputs."""
+    if f.ndim != _TABLE_NDIM:
+        return ""
+    least = int(f.nan[row, features].max())
+    seen = f.count[row] + f.nan[row] + f.inf[row]  # every row holds one value of each feature
+    most = int(min(total, seen.max()))
+    return f", in {least} row(s)" if least == most else f", in {least} to {most} row(s)"
 
 
 def _features(indices, values: dict[str, np.ndarray]) -> str:
-    """'2 (mean 2.3e3, std 410), 5 (...)' for at most report.NAMED_AT_MOST features."""
-    return listed(
-        [
-            f"{j} ({', '.join(f'{k} {fmt(float(v[j]))}' for k, v in values.items())})"
-            for j in indices
-        ]
+    """'2 (mean 2.3e3, std 410), 5 (...)' for at most report.NAMED_AT_MOST features; a number not
+    known (NaN) is left out, and a std of 0 is written "constant" (nothing to divide by)."""
+    return listed([f"{j} ({', '.join(_numbers(j, values))})" for j in indices])
+
+
+def _numbers(j: int, values: dict[str, np.ndarray]) -> list[str]:
+    out = []
+    for name, v in values.items():
+        value = float(v[j])
+        if name == "std" and value == 0:
+            out.append("constant")
+        elif not np.isnan(value):
+            out.append(f"{name} {fmt(value)}")
+    return out
+
+
+def pooled_scale(f: InputFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the mean and standard deviation of all the finite values of the kept steps
+    (what StandardScaler fitted on them finds), from each step's count, mean and RMS: the
+    within-step variances plus the spread of the step means around the overall mean (Chan et
+    al.'s pooling), so that batches of one value still give the spread across them. NaN where no
+    value was seen (mean) or fewer than two (std)."""
+    n = f.count
+    total = n.sum(axis=0)
+    seen = n > 0
+    step_mean = np.where(seen, f.mean, 0.0)
+    step_var = np.where(seen, np.maximum(f.rms**2 - f.mean**2, 0.0), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (n * step_mean).sum(axis=0) / total
+        var = (n * (step_var + (step_mean - mean) ** 2)).sum(axis=0) / total
+    return (
+        np.where(total > 0, mean, np.nan),
+        np.where(total >= _VALUES_FOR_A_SPREAD, np.sqrt(var), np.nan),
     )
 
 
 def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
-    """NaN in the input: which features, the first step each had them, how many values (rows)."""
+    """NaN in the input: which features, the first step each had them, how many values (and, for
+    tables, in how many rows)."""
     seen = f.first_nan >= 0
     if not seen.any():
         return None
@@ -41,11 +83,12 @@ def missing_values(f: InputFeatures, steps: np.ndarray) -> Finding | None:
         for j in features[:NAMED_AT_MOST]
     )
     affected = int((f.nan.sum(axis=1) > 0).sum())
-    unit = "row(s)" if f.ndim == _TABLE_NDIM else "value(s)"
     total = float(counts[features].sum()) if at_step.size else float("nan")
+    rows = _nan_rows(f, int(at_step[0]), features, total) if at_step.size else ""
     message = (
         f"missing values: NaN in {len(features)} of the {f.num_features} features of {f.site} "
-        f"from step {step} ({fmt_int(total)} {unit} at that step): features {per_feature}; "
+        f"from step {step} ({fmt_int(total)} NaN value(s) at that step{rows}): features "
+        f"{per_feature}; "
         f"{affected} of the kept steps had NaN inputs. Non-finite inputs make the loss and every "
         "gradient NaN."
     )
@@ -77,8 +120,10 @@ def feature_scales(f: InputFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def unscaled_features(f: InputFeatures, steps: np.ndarray, th: MonitorThresholds) -> Finding | None:
     """Features far from standardized (typical RMS above unscaled_rms_limit) or whose scales spread
-    over more than scale_spread_limit (largest RMS over the smallest non-zero one)."""
-    rms, mean, std = feature_scales(f)
+    over more than scale_spread_limit (largest RMS over the smallest non-zero one). The numbers
+    to standardize with are each feature's mean and std over all the values seen (pooled_scale)."""
+    rms = feature_scales(f)[0]
+    mean, std = pooled_scale(f)
     live = np.isfinite(rms) & (rms > 0)  # a constant-zero feature has no scale to compare
     if not live.any():
         return None

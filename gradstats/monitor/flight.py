@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gradstats import ops
+from gradstats.monitor.files import write_whole
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.rings import NEVER
 
@@ -192,7 +193,8 @@ def write_dump(
     findings: list[Finding],
     report: str,
 ) -> Path:
-    """Writes the flight record (or, with none, the last steps kept) as JSON."""
+    """Writes the flight record (or, with none, the last steps kept) as JSON: whole or not at
+    all."""
     payload = {
         "trigger": None
         if record is None
@@ -201,11 +203,8 @@ def write_dump(
         "findings": [dataclasses.asdict(f) for f in findings],
         "report": report,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(payload, default=_jsonable, indent=_JSON_INDENT, allow_nan=True) + "\n"
-    )
-    return path
+    text = json.dumps(payload, default=_jsonable, indent=_JSON_INDENT, allow_nan=True) + "\n"
+    return write_whole(path, lambda temporary: temporary.write_text(text))
 
 
 def _jsonable(value: Any) -> Any:

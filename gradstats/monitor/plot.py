@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from gradstats._core import CLIP_EPS
+from gradstats.monitor.files import write_whole
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.report import fmt
 
@@ -42,7 +43,7 @@ def save_plot(
     th: MonitorThresholds,
     title: str | None,
 ) -> Path:
-    """Draws the plot of h and writes it to path as a PNG."""
+    """Draws the plot of h and writes it to path as a PNG (whole or not at all)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
@@ -51,9 +52,9 @@ def save_plot(
             "(or pip install matplotlib)"
         ) from exc
     fig = _draw(Figure, h, findings, max_norm, th, title)
-    path = Path(path)
-    fig.savefig(path, dpi=_PLOT_DPI, bbox_inches="tight")
-    return path
+    return write_whole(
+        Path(path), lambda temporary: fig.savefig(temporary, dpi=_PLOT_DPI, bbox_inches="tight")
+    )
 
 
 def _draw(figure_cls: type, h: MonitorHistory, findings: list[Finding], max_norm, th, title):

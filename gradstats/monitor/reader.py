@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from gradstats import ops
 from gradstats.monitor.diagnose import diagnose_history
+from gradstats.monitor.files import failure
 from gradstats.monitor.flight import (
     TRIGGERS,
     FlightRecord,
@@ -31,10 +33,14 @@ from gradstats.monitor.readback import Layout, build_history, to_host
 from gradstats.monitor.report import format_report
 from gradstats.monitor.rings import NEVER, kept_steps, site_kept_steps
 
+# A failed automatic dump is reported at the user's call: report() -> history() -> _auto_dump.
+_WARN_FROM_READ_BACK = 4
+
 
 class MonitorReader:
     """The reading half of GradMonitor, over the buffers its recording half (recorder.py) keeps:
-    _grads, _sites, _features, _flight, _index, the names and sites, and thresholds."""
+    _grads, _sites, _features, _flight, _index, the names and sites, thresholds, dump_dir, dumped
+    and _dump_failed (why the automatic dump could not be written, or None)."""
 
     def _buffers(self) -> list[Tensor]:
         out = self._grads.buffers() if self._grads else []
@@ -119,21 +125,41 @@ class MonitorReader:
         return h
 
     def _auto_dump(self, h: MonitorHistory, record: FlightRecord | None) -> None:
-        if self.dump_dir is None or record is None or self.dumped is not None:
+        """Writes the flight record to dump_dir once. A write that fails (a full disk, a read-only
+        mount, a file where the folder should be) must not fail the read-back that triggered it,
+        at the very step the monitor exists for: it is said once, in a warning and in the report,
+        and not tried again."""
+        done = self.dumped is not None or self._dump_failed is not None
+        if self.dump_dir is None or record is None or done:
             return
         path = self.dump_dir / f"gradmonitor_step{record.step}.json"
-        self.dumped = self._write(path, h, record)
+        findings = diagnose_history(h, self.thresholds)
+        target = path
+        try:
+            self.dumped = write_dump(path, record, h, findings, format_report(h, findings))
+            target = path.with_suffix(".png")
+            self._write_plot(target, h, findings)
+        except Exception as exc:  # the monitor goes on without its file
+            self._dump_failed = f"{target} ({failure(exc)})"
+            warnings.warn(
+                f"GradMonitor: the flight record could not be written: {self._dump_failed}. The "
+                "monitor goes on without it and does not try again; monitor.dump(path) writes it "
+                "elsewhere.",
+                RuntimeWarning,
+                stacklevel=_WARN_FROM_READ_BACK,
+            )
 
     def _write(self, path: Path, h: MonitorHistory, record: FlightRecord | None) -> Path:
         findings = diagnose_history(h, self.thresholds)
         written = write_dump(path, record, h, findings, format_report(h, findings))
+        self._write_plot(written.with_suffix(".png"), h, findings)
+        return written
+
+    def _write_plot(self, path: Path, h: MonitorHistory, findings: list[Finding]) -> None:
         if h.steps.size:
             # The plot is optional: without matplotlib the JSON is the record.
             with contextlib.suppress(ImportError):
-                save_plot(
-                    written.with_suffix(".png"), h, findings, self.max_norm, self.thresholds, None
-                )
-        return written
+                save_plot(path, h, findings, self.max_norm, self.thresholds, None)
 
     def dump(self, path: str | Path) -> Path:
         """Writes the flight record as JSON to path: the trigger (the first step whose gradients,
@@ -164,6 +190,8 @@ class MonitorReader:
         text = format_report(h, diagnose_history(h, self.thresholds))
         if self.dumped is not None:
             text += f"\n\nFlight record (the steps that led there): {self.dumped}"
+        if self._dump_failed is not None:
+            text += f"\n\nFlight record not written: {self._dump_failed}"
         return text
 
     def scalars(self, prefix: str = "gradstats/") -> dict[str, float]:

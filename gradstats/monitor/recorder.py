@@ -94,7 +94,8 @@ class GradMonitor(MonitorReader):
         dump_dir: where the flight record (monitor.dump) is written by itself once a NaN/Inf or an
             exploding step was seen, at the first read-back after it (history, diagnose, report,
             scalars, plot), at close() and at exit; the report names the file, and so does
-            monitor.dumped (None until then).
+            monitor.dumped (None until then). A write that fails warns once, is named in the
+            report and is not tried again; it never leaves a partial file.
 
     The thresholds used to be keyword arguments of their own (explode_factor=..., ...); those
     still work, with a DeprecationWarning.
@@ -130,6 +131,7 @@ class GradMonitor(MonitorReader):
         self.max_norm = None if max_norm is None else float(max_norm)
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.dumped: Path | None = None
+        self._dump_failed: str | None = None
         self.names = tuple(n for n, _ in named)
         self._params = [p for _, p in named]
         self._column = {id(p): i for i, p in enumerate(self._params)}
@@ -298,23 +300,29 @@ class GradMonitor(MonitorReader):
     def _on_input(self, module: nn.Module | None, args: tuple, kwargs: dict) -> None:
         try:
             leaves: list[tuple[str, Tensor]] = []
+            unread: list[tuple[str, str]] = []
             for i, arg in enumerate(args):
-                floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves)
+                floating_leaves(f"{INPUT_SITE}[{i}]", arg, leaves, unread)
             for key, arg in kwargs.items():
-                floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves)
-            self._watch(leaves, is_input=True)
+                floating_leaves(f"{INPUT_SITE}[{key}]", arg, leaves, unread)
+            self._watch(leaves, unread, is_input=True)
         except Exception as exc:  # the monitor must never make the user's forward fail
             self._notes.add(INPUT_SITE, failed(exc))
 
     def _on_output(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             leaves: list[tuple[str, Tensor]] = []
-            floating_leaves(name, output, leaves)
-            self._watch(leaves, is_input=False)
+            unread: list[tuple[str, str]] = []
+            floating_leaves(name, output, leaves, unread)
+            self._watch(leaves, unread, is_input=False)
         except Exception as exc:  # the monitor must never make the user's forward fail
             self._notes.add(name, failed(exc))
 
-    def _watch(self, leaves: list[tuple[str, Tensor]], is_input: bool) -> None:
+    def _watch(
+        self, leaves: list[tuple[str, Tensor]], unread: list[tuple[str, str]], is_input: bool
+    ) -> None:
+        for name, why in unread:
+            self._notes.add(name, why)
         names: list[str] = []
         tensors: list[Tensor] = []
         for name, leaf in leaves:

@@ -56,18 +56,11 @@ def site_label(h: MonitorHistory, j: int) -> str:
 
 def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
     """The text of GradMonitor.report()."""
-    total = h.total_norm[np.isfinite(h.total_norm)]
     if h.steps.size:
-        norms = (
-            f"total gradient norm median {fmt(float(np.median(total)))}, "
-            f"max {fmt(float(total.max()))}"
-            if total.size
-            else "no finite total gradient norm"
-        )
         head = (
             f"GradMonitor: {h.steps.size} steps kept (steps {int(h.steps[0])}-"
             f"{int(h.steps[-1])}), {len(h.names)} parameters, {len(h.sites)} watched "
-            f"inputs/outputs; {norms}."
+            f"inputs/outputs; {_norms(h)}."
         )
     else:
         head = f"GradMonitor: no step recorded yet; {len(h.sites)} watched inputs/outputs."
@@ -91,6 +84,21 @@ def format_report(h: MonitorHistory, findings: list[Finding]) -> str:
         lines += ["", "Not watched (the rest was):"]
         lines += [_paragraph(f"- {line}", _BULLET) for line in h.unwatched]
     return "\n".join(lines)
+
+
+def _norms(h: MonitorHistory) -> str:
+    """The total norms of the steps whose gradients were finite: a NaN/Inf step's norm is that of
+    its finite values only (0 when all are NaN), no norm of the step."""
+    clean = np.isfinite(h.total_norm) & ((h.grad_nan + h.grad_inf).sum(axis=1) == 0)
+    total = h.total_norm[clean]
+    if not total.size:
+        return f"no step had finite gradients (NaN/Inf in all {h.steps.size} kept steps)"
+    summary = (
+        f"total gradient norm median {fmt(float(np.median(total)))}, max {fmt(float(total.max()))}"
+    )
+    if total.size < h.steps.size:
+        summary += f" over the {total.size} steps with finite gradients"
+    return summary
 
 
 def _paragraph(text: str, hang: str = _INDENT) -> str:

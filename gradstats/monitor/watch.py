@@ -3,7 +3,9 @@ and the modules named by watch_modules."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -26,23 +28,58 @@ MAX_SITES = 1024
 # window x 7 x F float64).
 _AUTO_FEATURE_DIM = {2: -1, 3: -1, 4: 1, 5: 1}
 MAX_FEATURES = 1024
+# Values that hold no tensor: the input watch skips them without a note.
+_HOLD_NO_TENSOR = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    enum.Enum,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
+# What the watch looks into, said in the note about what it did not.
+_READ = "tensors are read inside tuples, lists, dicts, dataclasses and namedtuples"
 # An error caught in a hook is quoted up to this many characters in the report.
 _ERROR_CHARS = 160
 # Notes kept about what was not watched (distinct site and reason pairs).
 _MAX_NOTES = 32
 
 
-def floating_leaves(name: str, obj: Any, out: list[tuple[str, Tensor]]) -> None:
-    """The floating-point (and complex) tensors in nested tuples, lists and dicts."""
+def floating_leaves(
+    name: str, obj: Any, out: list[tuple[str, Tensor]], unread: list[tuple[str, str]]
+) -> None:
+    """The floating-point (and complex) tensors in nested tuples, lists, dicts (any Mapping),
+    dataclasses and namedtuples, named by position, key or field (for inputs; a module output's
+    tensors all take the module's name). Objects of other types may hold tensors the monitor
+    cannot see: each goes to unread as (name, why), so that the report says so rather than
+    nothing; values that hold no tensor (None, numbers, strings, ...) are skipped silently."""
     if isinstance(obj, Tensor):
         if obj.is_floating_point() or obj.is_complex():
             out.append((name, obj))
+        return
+    if isinstance(obj, _HOLD_NO_TENSOR):
+        return
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a namedtuple
+        items = zip(type(obj)._fields, obj)
     elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            floating_leaves(f"{name}[{i}]" if name.startswith(INPUT_SITE) else name, item, out)
-    elif isinstance(obj, dict):
-        for key, item in obj.items():
-            floating_leaves(f"{name}[{key}]" if name.startswith(INPUT_SITE) else name, item, out)
+        items = enumerate(obj)
+    elif isinstance(obj, Mapping):
+        items = obj.items()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    else:
+        unread.append((name, f"not watched: type {type(obj).__qualname__} is not read ({_READ})"))
+        return
+    for key, item in items:
+        floating_leaves(
+            f"{name}[{key}]" if name.startswith(INPUT_SITE) else name, item, out, unread
+        )
 
 
 def resolve_modules(model: nn.Module, watch: WatchModules) -> list[tuple[str, nn.Module]]:

@@ -4,6 +4,7 @@ other's checkpoints."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from gradstats.optim.adaptive import AdaptiveClip
 # The one top-level key that ClipGradOptimizer.state_dict() adds to the wrapped optimizer's.
 STATE_KEY = "gradstats_clip"
 _COUNTERS = {"skipped_steps": "skipped_steps", "consecutive_nonfinite": "consecutive"}
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def wrapper_state(run: dict[str, Any], adaptive: AdaptiveClip | None) -> dict[str, Any]:
@@ -38,13 +40,30 @@ def parse_wrapper_state(
     for key in _COUNTERS:
         if key not in own:
             raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {key!r}")
-        value = torch.as_tensor(own[key]).detach()
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
-            raise ValueError(
-                f"state_dict[{STATE_KEY!r}][{key!r}] must be one integer; got {own[key]!r}"
-            )
-        counters.append(value.reshape(()).to(torch.int64, copy=True))
+        counters.append(_counter(key, own[key]))
     saved = own.get("adaptive_clip")
     if saved is not None and adaptive is not None:
         adaptive.parse_state(saved)
     return counters[0], counters[1], saved
+
+
+def _counter(key: str, value: Any) -> Tensor:
+    """A saved counter as a 0-dim int64 tensor (on the device it was saved on); raises when it is
+    not a count: bools (True is no count), negatives, text, floats, several values."""
+    count = None
+    if isinstance(value, Tensor):
+        integral = not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        )
+        if value.numel() == 1 and integral:
+            count = value.detach().reshape(()).to(torch.int64, copy=True)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        # Beyond int64 it is no count this wrapper saved either.
+        count = torch.tensor(int(value), dtype=torch.int64) if value <= _INT64_MAX else None
+    if count is None or int(count) < 0:
+        got = repr(value) if isinstance(value, Tensor) else f"{value!r} ({type(value).__name__})"
+        raise ValueError(
+            f"state_dict[{STATE_KEY!r}][{key!r}] must be one integer >= 0 (an int or a "
+            f"one-element integer tensor, as ClipGradOptimizer.state_dict() saves it); got {got}"
+        )
+    return count
