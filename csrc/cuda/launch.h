@@ -22,10 +22,13 @@ constexpr int kBlocksPerSm = 4;
 
 // Arguments of the statistics kernel besides its tensor table.
 struct StatsArgs {
-  Partial* chunk_partials;    // the call's workspace: one Partial per chunk, in chunk order
-  Partial* tensor_partials;   // one Partial per tensor of the call
-  unsigned int* done_blocks;  // this launch's counter of finished blocks, zeroed before launch 0
-  void* norms;                // [n] of the output dtype (float, or double when out_double)
+  Partial* chunk_partials;   // the call's workspace: one Partial per chunk, in chunk order
+  Partial* tensor_partials;  // one Partial per tensor of the call
+  // stats_counters(n) counters, zeroed before the call's first launch (by a memset, which a CUDA
+  // graph replays too): one per tensor of the call (its chunks finished so far), then the last
+  // launch's blocks finished so far.
+  unsigned int* counters;
+  void* norms;  // [n] of the output dtype (float, or double when out_double)
   void* total_norm;
   void* clip_coef;
   int64_t* counts;      // [3, n + 1]
@@ -36,6 +39,9 @@ struct StatsArgs {
   bool out_double;
   bool last_launch;  // the launch whose last block writes the totals
 };
+
+// The counters of a call of n tensors (StatsArgs::counters).
+GS_HD int64_t stats_counters(int64_t tensors) { return tensors + 1; }
 
 // Arguments of the scale kernel besides its tensor table.
 struct ScaleArgs {

@@ -68,24 +68,25 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors) {
 }
 
 // Everything the stats kernels write besides the outputs: one Partial per chunk and per tensor,
-// and one counter of finished blocks per launch.
+// and the call's counters (launch.h stats_counters).
 struct Workspace {
   at::Tensor storage;
   Partial* chunk_partials;
   Partial* tensor_partials;
-  unsigned int* done_blocks;
+  unsigned int* counters;
+  int64_t counter_bytes;
 };
 
-Workspace make_workspace(c10::Device device, int64_t chunks, int64_t tensors, int64_t launches) {
+Workspace make_workspace(c10::Device device, int64_t chunks, int64_t tensors) {
   const auto partial_bytes = static_cast<int64_t>(sizeof(Partial));
-  const int64_t bytes =
-      (chunks + tensors) * partial_bytes + launches * static_cast<int64_t>(sizeof(unsigned int));
   Workspace ws;
+  ws.counter_bytes = stats_counters(tensors) * static_cast<int64_t>(sizeof(unsigned int));
+  const int64_t bytes = (chunks + tensors) * partial_bytes + ws.counter_bytes;
   ws.storage = at::empty({bytes}, at::TensorOptions().device(device).dtype(at::kByte));
   auto* base = static_cast<uint8_t*>(ws.storage.data_ptr());
   ws.chunk_partials = reinterpret_cast<Partial*>(base);
   ws.tensor_partials = ws.chunk_partials + chunks;
-  ws.done_blocks = reinterpret_cast<unsigned int*>(ws.tensor_partials + tensors);
+  ws.counters = reinterpret_cast<unsigned int*>(ws.tensor_partials + tensors);
   return ws;
 }
 
@@ -136,13 +137,13 @@ class CudaPlan final : public DevicePlan {
     args.spec = spec;
     args.policy = policy;
     args.out_double = out.norms.scalar_type() == at::kDouble;
-    const Workspace ws = make_workspace(device_, plan_.num_chunks, n, launches);
+    const Workspace ws = make_workspace(device_, plan_.num_chunks, n);
     // The counters start at zero in every call (and every graph replay); a memset is no kernel.
-    C10_CUDA_CHECK(cudaMemsetAsync(ws.done_blocks, 0, launches * sizeof(unsigned int), stream));
+    C10_CUDA_CHECK(cudaMemsetAsync(ws.counters, 0, ws.counter_bytes, stream));
     args.chunk_partials = ws.chunk_partials;
     args.tensor_partials = ws.tensor_partials;
+    args.counters = ws.counters;
     run_launches([&](const auto& table, size_t k) {
-      args.done_blocks = ws.done_blocks + k;
       args.last_launch = static_cast<int64_t>(k) + 1 == launches;
       launch_stats(table, args, grid_size(plan_.launches[k].num_chunks, device), stream);
     });
