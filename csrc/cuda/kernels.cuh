@@ -193,63 +193,82 @@ __device__ __forceinline__ bool counted_last(unsigned int* counter, unsigned int
   return scratch.last;
 }
 
-// A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
-__device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, const Partial& p) {
-  args.tensor_partials[g] = p;
-  const double norm = reported_norm(p, args.spec, args.policy);
-  if (args.out_double) {
-    static_cast<double*>(args.norms)[g] = norm;
-  } else {
-    static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
-  }
-  store_counts(args.counts, args.num_tensors, g, p);
+// Where a tensor's results go: StatsArgs' outputs, copied out of the kernel parameters so that
+// finish_tensor can take them by value.
+struct TensorOutputs {
+  Partial* tensor_partials;
+  void* norms;
+  int64_t* counts;
+  int64_t num_tensors;
+  NormSpec spec;
+  Nonfinite policy;
+  bool out_double;
+};
+
+__device__ __forceinline__ TensorOutputs tensor_outputs(const StatsArgs& args) {
+  return TensorOutputs{args.tensor_partials, args.norms, args.counts,
+                       args.num_tensors,     args.spec,  args.policy,
+                       args.out_double};
 }
 
-// Combines the `chunks` chunk partials of call tensor g, from call chunk `first` on, and finishes
-// the tensor: a warp for at most kWarpSize chunks (a lane per chunk, then a warp tree), the whole
-// block for more (each thread every kThreads-th chunk, then a block tree). Either order depends
-// only on the chunk count, so the result depends neither on the grid nor on the list the tensor is
-// in.
-__device__ __forceinline__ void reduce_tensor(const StatsArgs& args, int64_t first, int32_t chunks,
-                                              int64_t g, Scratch& scratch) {
-  const Partial* partials = args.chunk_partials + first;
-  const CombineOp op{args.spec};
+// A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
+// Not inlined: called from the chunk loop, its norm (a pow for a general p) would otherwise cost
+// the loop registers, which the per-chunk calls then spill.
+__device__ __noinline__ void finish_tensor(TensorOutputs out, int64_t g, Partial p) {
+  out.tensor_partials[g] = p;
+  const double norm = reported_norm(p, out.spec, out.policy);
+  if (out.out_double) {
+    static_cast<double*>(out.norms)[g] = norm;
+  } else {
+    static_cast<float*>(out.norms)[g] = static_cast<float>(norm);
+  }
+  store_counts(out.counts, out.num_tensors, g, p);
+}
+
+// The combination of a tensor's `chunks` chunk partials at `partials`, in thread 0: a warp for at
+// most kWarpSize chunks (a lane per chunk, then a warp tree), the whole block for more (each thread
+// every kThreads-th chunk, then a block tree). Either order depends only on the chunk count, so the
+// result depends neither on the grid nor on the list the tensor is in. One load in flight per
+// thread: more would cost the chunk loop registers (the kernel spilled), and the block path serves
+// only tensors of over kWarpSize chunks, whose reading takes far longer.
+__device__ __forceinline__ Partial combine_chunks(const Partial* partials, int32_t chunks,
+                                                  NormSpec spec, Partial* scratch) {
+  const CombineOp op{spec};
   if (chunks <= kWarpSize) {
-    if (threadIdx.x >= kWarpSize) return;
+    if (threadIdx.x >= kWarpSize) return empty_partial();
     const int lane = static_cast<int>(threadIdx.x);
-    Partial acc = lane < chunks ? load_partial(partials + lane) : empty_partial();
-    acc = warp_reduce(acc, op);
-    if (lane == 0) finish_tensor(args, g, acc);
-    return;
+    const Partial acc = lane < chunks ? load_partial(partials + lane) : empty_partial();
+    return warp_reduce(acc, op);
   }
   Partial acc = empty_partial();
-  // Unrolled so that several loads from L2 are in flight ahead of the combines that use them.
-#pragma unroll 4
+#pragma unroll 1
   for (int32_t c = static_cast<int32_t>(threadIdx.x); c < chunks; c += kThreads) {
     acc = op(acc, load_partial(partials + c));
   }
-  acc = block_allreduce(acc, op, scratch.partial);
-  if (threadIdx.x == 0) finish_tensor(args, g, acc);
+  return block_allreduce(acc, op, scratch);
 }
 
-// What the block does with the partial p of chunk c (launch index) of the tensor at ref: a tensor
-// of one chunk is finished by thread 0 from p itself (no workspace, no counter, no shuffle);
-// otherwise p goes to the workspace, and the block that completes the tensor's count reduces it.
+// What the block does with the partial p of chunk c (launch index): a tensor of one chunk is
+// finished by thread 0 from p itself (no workspace, no counter, no shuffle); otherwise p goes to
+// the workspace, and the block that completes the tensor's count combines them all. The chunk's
+// tensor is located again rather than kept from before the chunk's walk: values live across the
+// per-chunk calls cost registers that those calls then spill.
 template <class Table>
-__device__ __forceinline__ void finish_chunk(const Table& table, const StatsArgs& args,
-                                             const ChunkRef& ref, int32_t c, const Partial& p,
-                                             Scratch& scratch) {
-  const int32_t first = tensor_first_chunk(table, ref.tensor);
-  const int32_t chunks = table.chunk_end[ref.tensor] - first;
-  const int64_t g = table.first_tensor + ref.tensor;
+__device__ __forceinline__ void finish_chunk(const Table& table, const StatsArgs& args, int32_t c,
+                                             const Partial& p, Scratch& scratch) {
+  const int32_t t = locate_chunk(table, c).tensor;
+  const int32_t first = tensor_first_chunk(table, t);
+  const int32_t chunks = table.chunk_end[t] - first;
+  const int64_t g = table.first_tensor + t;
   if (chunks == 1) {
-    if (threadIdx.x == 0) finish_tensor(args, g, p);
+    if (threadIdx.x == 0) finish_tensor(tensor_outputs(args), g, p);
     return;
   }
   if (threadIdx.x == 0) args.chunk_partials[table.first_chunk + c] = p;
-  if (counted_last(args.counters + g, static_cast<unsigned int>(chunks), scratch)) {
-    reduce_tensor(args, table.first_chunk + first, chunks, g, scratch);
-  }
+  if (!counted_last(args.counters + g, static_cast<unsigned int>(chunks), scratch)) return;
+  const Partial all = combine_chunks(args.chunk_partials + table.first_chunk + first, chunks,
+                                     args.spec, scratch.partial);
+  if (threadIdx.x == 0) finish_tensor(tensor_outputs(args), g, all);
 }
 
 // The launch's empty tensors, which no chunk covers: finished (norm 0, no counts) by block 0.
@@ -257,7 +276,7 @@ template <class Table>
 __device__ __forceinline__ void finish_empty_tensors(const Table& table, const StatsArgs& args) {
   for (int32_t t = static_cast<int32_t>(threadIdx.x); t < table.num_tensors; t += kThreads) {
     if (table.chunk_end[t] == tensor_first_chunk(table, t)) {
-      finish_tensor(args, table.first_tensor + t, empty_partial());
+      finish_tensor(tensor_outputs(args), table.first_tensor + t, empty_partial());
     }
   }
 }
@@ -300,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       using T = decltype(tag);
       p = chunk_partial(chunk_view<T>(table, ref), args.spec, scratch);
     });
-    finish_chunk(table, args, ref, c, p, scratch);
+    finish_chunk(table, args, c, p, scratch);
   }
   if (!args.last_launch) return;
   unsigned int* done_blocks = args.counters + args.num_tensors;

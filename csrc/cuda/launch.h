@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cuda/feature_grid.h"
 #include "cuda/planner.h"
 #include "feature_stats.h"
 #include "partial.h"
@@ -19,6 +20,10 @@ constexpr int kThreads = 256;
 // 16-byte loads in flight to cover the memory latency while a block reduces its chunk, and leave
 // each thread 64 registers.
 constexpr int kBlocksPerSm = 4;
+// Blocks per SM feature_stats' grid aims at (feature_grid.h): enough resident threads, each with
+// its loads in flight, to cover the memory latency; more blocks would only cut the input into more
+// pieces to combine.
+constexpr int kFeatureBlocksPerSm = 4;
 
 // Arguments of the statistics kernel besides its tensor table.
 struct StatsArgs {
@@ -61,10 +66,12 @@ void launch_stats(const Table& table, const StatsArgs& args, int grid, cudaStrea
 template <class Table>
 void launch_scale(const Table& table, const ScaleArgs& args, int grid, cudaStream_t stream);
 
-// Launches the two kernels of feature_stats on `stream`: one block per (feature, piece) writes the
-// piece's statistics to `partials` ([pieces, features]), then one thread per feature combines them
-// in piece order into `out` ([kFeatureRows, features] float64). `data` is contiguous, of `dtype`.
+// Launches the kernels of feature_stats on `stream` (features.cuh), on the grid of feature_grid.h:
+// the piece kernel, and the combine kernel when there are several pieces, whose partials then go to
+// `partials` (feature_workspace_bytes). `data` is contiguous, of `dtype`; `out` is
+// [kFeatureRows, features] float64.
 void launch_feature_stats(const void* data, DType dtype, const FeatureShape& shape,
-                          FeatureAcc* partials, double* out, cudaStream_t stream);
+                          const FeatureGrid& grid, FeatureAcc* partials, double* out,
+                          cudaStream_t stream);
 
 }  // namespace gradstats::gpu

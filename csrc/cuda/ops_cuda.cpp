@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -198,12 +199,18 @@ at::Tensor feature_stats_cuda(const at::Tensor& input, int64_t dim) {
   const FeatureInput in = prepare_feature_input(input, dim);
   const FeatureShape& s = in.shape;
   const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const c10::DeviceIndex device = input.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   at::Tensor out = at::empty({kFeatureRows, s.features}, input.options().dtype(at::kDouble));
-  const int64_t bytes = std::max<int64_t>(1, feature_pieces(s) * s.features) *
-                        static_cast<int64_t>(sizeof(FeatureAcc));
-  const at::Tensor workspace = at::empty({bytes}, input.options().dtype(at::kByte));
-  launch_feature_stats(in.data.const_data_ptr(), dtype_tag(in.data.scalar_type()), s,
+  const FeatureGrid grid =
+      feature_grid(s, in.data.element_size(), int64_t{sm_count(device)} * kFeatureBlocksPerSm);
+  TORCH_CHECK(grid.blocks() <= std::numeric_limits<int32_t>::max(),
+              "gradstats.feature_stats: ", s.features,
+              " features need more blocks than one launch may have");
+  // Bounded: none for one piece, at most a quarter of the input's bytes (feature_stats.h).
+  const at::Tensor workspace =
+      at::empty({feature_workspace_bytes(s, grid.pieces)}, input.options().dtype(at::kByte));
+  launch_feature_stats(in.data.const_data_ptr(), dtype_tag(in.data.scalar_type()), s, grid,
                        static_cast<FeatureAcc*>(workspace.data_ptr()), out.data_ptr<double>(),
                        stream);
   return out;
