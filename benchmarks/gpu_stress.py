@@ -1,7 +1,8 @@
 """GPU stress and tail timings for benchmarks/gpu_check.sh (needs a CUDA device).
 
 Stress, each result compared bitwise with one sequential run of the same inputs:
-- two streams, CALLS_PER_STREAM calls of stats + clip each, interleaved with no host waits;
+- two streams, CALLS_PER_STREAM calls of stats + clip each, interleaved with no host waits,
+  each stream counting its own mismatches;
 - a CUDA graph of stats + clip captured once and replayed GRAPH_REPLAYS times, its inputs
   refilled before every replay;
 - the default path under torch.cuda.set_sync_debug_mode("error"): no host synchronisation.
@@ -9,7 +10,7 @@ Stress, each result compared bitwise with one sequential run of the same inputs:
 Tail timings (issue 17, item 7), CUDA events around the statistics op alone: 1,216 tensors of 1,000
 elements against one tensor of the same 1,216,000 elements, and the 161 ResNet-50 gradient tensors,
 each as GB/s of the bytes read against a device-to-device copy of the same size measured in the
-same run. A launch whose finish step (one block combining every tensor) costs much shows as the
+same run. A costly finish step (each tensor's partials combined, then the totals) shows as the
 many-tensor case falling far below the one-tensor case.
 
     python benchmarks/gpu_stress.py --json OUT.json
@@ -23,11 +24,13 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import gradstats
 from gradstats.bench.presets import make_preset
+from gradstats.bench.report import write_text_atomic
 
 CALLS_PER_STREAM = 200
 GRAPH_REPLAYS = 1_000
@@ -75,17 +78,23 @@ def two_streams() -> dict:
     expected = [stats_and_clip(make_params([g.clone() for g in grads])) for grads in inputs]
     params = [make_params([g.clone() for g in grads]) for grads in inputs]
     streams = [torch.cuda.Stream() for _ in inputs]
+    # A counter per stream: one tensor updated from both streams would race (its += unordered).
+    mismatches = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in streams]
     for stream in streams:
         stream.wait_stream(torch.cuda.current_stream())
-    mismatches = torch.zeros((), dtype=torch.int64, device="cuda")
     for _ in range(CALLS_PER_STREAM):
         for k, stream in enumerate(streams):
             with torch.cuda.stream(stream):
                 for p, g in zip(params[k], inputs[k]):
                     p.grad.copy_(g)
-                mismatches += differing(stats_and_clip(params[k]), expected[k])
+                mismatches[k] += differing(stats_and_clip(params[k]), expected[k])
     torch.cuda.synchronize()
-    return {"calls": 2 * CALLS_PER_STREAM, "mismatches": int(mismatches)}
+    per_stream = [int(m) for m in mismatches]
+    return {
+        "calls": len(streams) * CALLS_PER_STREAM,
+        "mismatches": sum(per_stream),
+        "mismatches_per_stream": per_stream,
+    }
 
 
 def graph_replays() -> dict:
@@ -194,8 +203,7 @@ def main() -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(Path(args.json), text + "\n")
         print(f"wrote {args.json}")
     print("gpu_stress: ok" if ok else "gpu_stress: FAILED")
     return 0 if ok else 1

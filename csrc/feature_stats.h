@@ -81,23 +81,53 @@ GS_HD void store_feature(const FeatureAcc& acc, double* out, int64_t f, int64_t 
 
 // An input seen as [outer, features, inner] (contiguous): element (o, f, i) is at
 // (o * features + f) * inner + i. The kernels cut the outer dimension into pieces of whole
-// [features, inner] slices, at most kFeaturePieceElems elements each (at least one slice).
+// [features, inner] slices (rows), each piece's statistics a row of FeatureAcc in a workspace, then
+// combine the pieces in piece order.
 struct FeatureShape {
   int64_t outer;
   int64_t features;
   int64_t inner;
 };
 
+// A piece holds at least this many elements (or one whole slice): enough work per piece that
+// cutting costs little next to reading.
 constexpr int64_t kFeaturePieceElems = int64_t{1} << 16;
+// A piece holds enough rows that its partials (features x sizeof(FeatureAcc) bytes) take at most
+// 1/kFeatureInputPerPartial of its input's bytes. Then a cut into several pieces needs a workspace
+// of at most 2 x input / kFeatureInputPerPartial (the last piece may be short, so pieces <= 2 x
+// (pieces - 1) <= 2 x full pieces): a quarter of the input. A single piece needs none.
+constexpr int64_t kFeatureInputPerPartial = 8;
 
-GS_HD int64_t feature_slices_per_piece(const FeatureShape& s) {
+// How an input is cut: `count` pieces of `rows` rows, the last one shorter; at least one piece
+// (an empty one when the input has no elements), so that every feature gets its statistics.
+struct FeaturePieces {
+  int64_t rows;
+  int64_t count;
+};
+
+GS_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Pieces of at least kFeaturePieceElems elements and of at least the rows that bound the workspace
+// (kFeatureInputPerPartial), and at most max_pieces of them (max_pieces >= 1). Depends on the
+// shape, the element size and max_pieces alone, so that the combination order, and with it every
+// bit of the result, does too.
+GS_HD FeaturePieces feature_pieces(const FeatureShape& s, int64_t itemsize, int64_t max_pieces) {
   const int64_t slice = s.features * s.inner;
-  return slice >= kFeaturePieceElems || slice == 0 ? 1 : kFeaturePieceElems / slice;
+  if (slice == 0 || s.outer == 0) return FeaturePieces{1, 1};  // nothing to read: one empty piece
+  int64_t rows = slice >= kFeaturePieceElems ? 1 : kFeaturePieceElems / slice;
+  const int64_t row_bytes = s.inner * itemsize;  // one feature's bytes in one row
+  const int64_t bounded =
+      ceil_div(kFeatureInputPerPartial * static_cast<int64_t>(sizeof(FeatureAcc)), row_bytes);
+  rows = rows > bounded ? rows : bounded;
+  if (ceil_div(s.outer, rows) > max_pieces) rows = ceil_div(s.outer, max_pieces);
+  return FeaturePieces{rows, ceil_div(s.outer, rows)};
 }
 
-GS_HD int64_t feature_pieces(const FeatureShape& s) {
-  const int64_t per = feature_slices_per_piece(s);
-  return (s.outer + per - 1) / per;
+// Bytes of the workspace a cut needs: the pieces' partials, none for a single piece (whose
+// statistics go straight to the output).
+GS_HD int64_t feature_workspace_bytes(const FeatureShape& s, const FeaturePieces& pieces) {
+  return pieces.count > 1 ? pieces.count * s.features * static_cast<int64_t>(sizeof(FeatureAcc))
+                          : 0;
 }
 
 }  // namespace gradstats

@@ -7,8 +7,10 @@ Each tests/cpp program is compiled with the system C++ compiler and run:
 - test_walkers.cpp: the kernels' chunk walks (csrc/cuda/device.cuh) visit every element once;
 - test_kernels.cpp: the stats and scale kernels themselves (csrc/cuda/kernels.cuh) on the host
   (tests/cpp/host_cuda.h: fibers for threads), against partial.h's exact statistics, and bitwise
-  the same for any grid and any split into launches.
-The last two need torch's and the CUDA toolkit's headers (not a GPU). They check the kernels'
+  the same for any grid, block order and split into launches;
+- test_features.cpp: feature_stats' sizing (pieces, grid, workspace bound) and its kernels
+  (csrc/cuda/features.cuh) on the host, against a serial accumulation.
+The last three need torch's and the CUDA toolkit's headers (not a GPU). They check the kernels'
 logic, not how a GPU runs them.
 """
 
@@ -75,3 +77,7 @@ def test_chunk_walks_on_host(tmp_path):
 def test_kernels_on_host(tmp_path):
     sources = [CPP / "test_kernels.cpp", ROOT / "csrc" / "cuda" / "planner.cpp"]
     _build_and_run(tmp_path, sources, _device_code_flags())
+
+
+def test_feature_stats_sizing_and_kernels_on_host(tmp_path):
+    _build_and_run(tmp_path, [CPP / "test_features.cpp"], _device_code_flags())

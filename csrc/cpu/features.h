@@ -1,5 +1,5 @@
 // CPU kernel of feature_stats (registered by ops_cpu.cpp, which includes this): per-feature
-// statistics of one input. The outer dimension is cut into pieces of a fixed size
+// statistics of one input. The outer dimension is cut into pieces sized by the shape alone
 // (feature_stats.h), each piece accumulates its own row of FeatureAcc, and the pieces are combined
 // in order: the result is bitwise the same for any number of threads.
 #pragma once
@@ -19,6 +19,10 @@
 
 namespace gradstats::cpu {
 namespace {
+
+// At most this many pieces, whatever the thread count (so that the result does not depend on it):
+// more than any CPU has threads, and few enough that combining them costs little.
+constexpr int64_t kCpuFeaturePieces = 1024;
 
 // Rows of one feature per element: the features are the lanes, so that the loop over them runs in
 // SIMD registers. Branch-free: a non-finite element adds 0 to the sums and nothing to the extremes.
@@ -73,15 +77,15 @@ at::Tensor feature_stats_cpu(const at::Tensor& input, int64_t dim) {
   const FeatureInput in = prepare_feature_input(input, dim);
   const FeatureShape& s = in.shape;
   at::Tensor out = at::empty({kFeatureRows, s.features}, input.options().dtype(at::kDouble));
-  const int64_t per = feature_slices_per_piece(s);
-  const int64_t pieces = feature_pieces(s);
+  const FeaturePieces cut = feature_pieces(s, in.data.element_size(), kCpuFeaturePieces);
+  const int64_t pieces = cut.count;
   std::vector<FeatureAcc> partials(static_cast<size_t>(pieces * s.features), empty_feature_acc());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.data.scalar_type(), "feature_stats", [&] {
         const scalar_t* data = in.data.const_data_ptr<scalar_t>();
         at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            piece_stats(data, s, p * per, std::min(s.outer, (p + 1) * per),
+            piece_stats(data, s, p * cut.rows, std::min(s.outer, (p + 1) * cut.rows),
                         partials.data() + p * s.features);
           }
         });

@@ -2,10 +2,14 @@
 // code only, in a header so that tests/cpp/test_kernels.cpp can also run it on the host.
 //
 // stats: a persistent grid walks the launch's chunk list; each block reduces a chunk to a Partial
-// (partial.h) in its slot of a workspace; the last block to finish (a counter after a fence)
-// combines each tensor's chunk partials and, in the call's last launch, all tensors' partials, in a
-// fixed order, and writes norms, counts, total norm and clip coefficient. No floating-point
-// atomics: the same inputs give bitwise the same outputs, however the list is split into launches.
+// (partial.h). A tensor of one chunk is finished at once by the block that read it. A tensor of
+// several chunks has its chunk partials written to a workspace and counted per tensor (a counter
+// after a fence); the block whose chunk completes the count combines them in a fixed order and
+// writes the tensor's norm and counts. So the tensors are finished across the grid, as their data
+// is read. In the call's last launch, the last block to finish (a second counter) combines all
+// tensors' partials in a fixed order into the total norm, total counts and clip coefficient. No
+// floating-point atomics: the same inputs give bitwise the same outputs, whatever the grid, the
+// order the blocks run in, or the split of the list into launches.
 //
 // scale_: reads the coefficient on the device; when it is >= 1 and nothing is to be zeroed, every
 // block returns before touching a tensor.
@@ -89,11 +93,12 @@ struct SumVisit {
   }
 };
 
-// Shared memory of a stats block: reduction scratch and the last-block flag.
+// Shared memory of a stats block: reduction scratch, and the flag through which thread 0 tells the
+// block that its count was the last (counted_last).
 struct Scratch {
   FastSum fast[kWarps];
   Partial partial[kWarps];
-  bool last_block;
+  bool last;
 };
 
 struct CombineOp {
@@ -172,62 +177,107 @@ __device__ __forceinline__ Partial chunk_partial(const ChunkView<T>& view, NormS
   return p;
 }
 
-// True in the block that finishes last in its launch; the other blocks' chunk partials are then
-// visible to it.
-__device__ __forceinline__ bool finished_last(unsigned int* done_blocks, Scratch& scratch) {
-  __syncthreads();
+// Counts this block's finished work in *counter; true, in every thread of the block, when this
+// count was the total-th. What the counted blocks wrote before counting is then visible to this
+// block: each thread's fence orders its writes before the count (release), thread 0's fence after
+// the count orders the block's later reads after the others' counts (acquire).
+__device__ __forceinline__ bool counted_last(unsigned int* counter, unsigned int total,
+                                             Scratch& scratch) {
+  __threadfence();
+  __syncthreads();  // every thread's writes are fenced; the previous flag has been read
   if (threadIdx.x == 0) {
-    __threadfence();  // release: this block's chunk partials before its count
-    scratch.last_block = atomicAdd(done_blocks, 1u) == gridDim.x - 1;
-    __threadfence();  // acquire: the partials the other blocks fenced before their counts
+    scratch.last = atomicAdd(counter, 1u) == total - 1;
+    __threadfence();
   }
   __syncthreads();
-  return scratch.last_block;
+  return scratch.last;
+}
+
+// Where a tensor's results go: StatsArgs' outputs, copied out of the kernel parameters so that
+// finish_tensor can take them by value.
+struct TensorOutputs {
+  Partial* tensor_partials;
+  void* norms;
+  int64_t* counts;
+  int64_t num_tensors;
+  NormSpec spec;
+  Nonfinite policy;
+  bool out_double;
+};
+
+__device__ __forceinline__ TensorOutputs tensor_outputs(const StatsArgs& args) {
+  return TensorOutputs{args.tensor_partials, args.norms, args.counts,
+                       args.num_tensors,     args.spec,  args.policy,
+                       args.out_double};
 }
 
 // A tensor's combined partial: kept for the call's total, and written out as its norm and counts.
-__device__ __forceinline__ void finish_tensor(const StatsArgs& args, int64_t g, const Partial& p) {
-  args.tensor_partials[g] = p;
-  const double norm = reported_norm(p, args.spec, args.policy);
-  if (args.out_double) {
-    static_cast<double*>(args.norms)[g] = norm;
+// Not inlined: called from the chunk loop, its norm (a pow for a general p) would otherwise cost
+// the loop registers, which the per-chunk calls then spill.
+__device__ __noinline__ void finish_tensor(TensorOutputs out, int64_t g, Partial p) {
+  out.tensor_partials[g] = p;
+  const double norm = reported_norm(p, out.spec, out.policy);
+  if (out.out_double) {
+    static_cast<double*>(out.norms)[g] = norm;
   } else {
-    static_cast<float*>(args.norms)[g] = static_cast<float>(norm);
+    static_cast<float*>(out.norms)[g] = static_cast<float>(norm);
   }
-  store_counts(args.counts, args.num_tensors, g, p);
+  store_counts(out.counts, out.num_tensors, g, p);
 }
 
-// The last block of a launch combines the chunk partials of each of the launch's tensors: a warp
-// per tensor of at most kWarpSize chunks (a lane per chunk, then a warp tree), the whole block for
-// a larger one (each thread every kThreads-th chunk, then a block tree). Either order depends
-// only on the tensor's chunk count, so a tensor's result does not depend on the list it is in.
-template <class Table>
-__device__ __forceinline__ void reduce_tensors(const Table& table, const StatsArgs& args,
-                                               Scratch& scratch) {
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const Partial* partials = args.chunk_partials + table.first_chunk;
-  const CombineOp op{args.spec};
-  for (int32_t t = warp; t < table.num_tensors; t += kWarps) {
-    const int32_t first = tensor_first_chunk(table, t);
-    const int32_t chunks = table.chunk_end[t] - first;
-    if (chunks > kWarpSize) continue;
-    Partial acc = lane < chunks ? load_partial(partials + first + lane) : empty_partial();
-    acc = warp_reduce(acc, op);
-    if (lane == 0) finish_tensor(args, table.first_tensor + t, acc);
+// The combination of a tensor's `chunks` chunk partials at `partials`, in thread 0: a warp for at
+// most kWarpSize chunks (a lane per chunk, then a warp tree), the whole block for more (each thread
+// every kThreads-th chunk, then a block tree). Either order depends only on the chunk count, so the
+// result depends neither on the grid nor on the list the tensor is in. One load in flight per
+// thread: more would cost the chunk loop registers (the kernel spilled), and the block path serves
+// only tensors of over kWarpSize chunks, whose reading takes far longer.
+__device__ __forceinline__ Partial combine_chunks(const Partial* partials, int32_t chunks,
+                                                  NormSpec spec, Partial* scratch) {
+  const CombineOp op{spec};
+  if (chunks <= kWarpSize) {
+    if (threadIdx.x >= kWarpSize) return empty_partial();
+    const int lane = static_cast<int>(threadIdx.x);
+    const Partial acc = lane < chunks ? load_partial(partials + lane) : empty_partial();
+    return warp_reduce(acc, op);
   }
-  for (int32_t t = 0; t < table.num_tensors; ++t) {
-    const int32_t first = tensor_first_chunk(table, t);
-    const int32_t end = table.chunk_end[t];
-    if (end - first <= kWarpSize) continue;
-    Partial acc = empty_partial();
-    // Unrolled so that several loads from L2 are in flight ahead of the combines that use them.
-#pragma unroll 4
-    for (int32_t c = first + static_cast<int32_t>(threadIdx.x); c < end; c += kThreads) {
-      acc = op(acc, load_partial(partials + c));
+  Partial acc = empty_partial();
+#pragma unroll 1
+  for (int32_t c = static_cast<int32_t>(threadIdx.x); c < chunks; c += kThreads) {
+    acc = op(acc, load_partial(partials + c));
+  }
+  return block_allreduce(acc, op, scratch);
+}
+
+// What the block does with the partial p of chunk c (launch index): a tensor of one chunk is
+// finished by thread 0 from p itself (no workspace, no counter, no shuffle); otherwise p goes to
+// the workspace, and the block that completes the tensor's count combines them all. The chunk's
+// tensor is located again rather than kept from before the chunk's walk: values live across the
+// per-chunk calls cost registers that those calls then spill.
+template <class Table>
+__device__ __forceinline__ void finish_chunk(const Table& table, const StatsArgs& args, int32_t c,
+                                             const Partial& p, Scratch& scratch) {
+  const int32_t t = locate_chunk(table, c).tensor;
+  const int32_t first = tensor_first_chunk(table, t);
+  const int32_t chunks = table.chunk_end[t] - first;
+  const int64_t g = table.first_tensor + t;
+  if (chunks == 1) {
+    if (threadIdx.x == 0) finish_tensor(tensor_outputs(args), g, p);
+    return;
+  }
+  if (threadIdx.x == 0) args.chunk_partials[table.first_chunk + c] = p;
+  if (!counted_last(args.counters + g, static_cast<unsigned int>(chunks), scratch)) return;
+  const Partial all = combine_chunks(args.chunk_partials + table.first_chunk + first, chunks,
+                                     args.spec, scratch.partial);
+  if (threadIdx.x == 0) finish_tensor(tensor_outputs(args), g, all);
+}
+
+// The launch's empty tensors, which no chunk covers: finished (norm 0, no counts) by block 0.
+template <class Table>
+__device__ __forceinline__ void finish_empty_tensors(const Table& table, const StatsArgs& args) {
+  for (int32_t t = static_cast<int32_t>(threadIdx.x); t < table.num_tensors; t += kThreads) {
+    if (table.chunk_end[t] == tensor_first_chunk(table, t)) {
+      finish_tensor(tensor_outputs(args), table.first_tensor + t, empty_partial());
     }
-    acc = block_allreduce(acc, op, scratch.partial);
-    if (threadIdx.x == 0) finish_tensor(args, table.first_tensor + t, acc);
   }
 }
 
@@ -237,8 +287,9 @@ __device__ __forceinline__ void write_total(const StatsArgs& args, const Partial
               args.policy, args.max_norm);
 }
 
-// The last block of the call's last launch: all tensors' partials (this launch's written by this
-// block, earlier launches' before this kernel began), combined in a fixed order.
+// The last block of the call's last launch: all tensors' partials (this launch's written by blocks
+// that counted before this one, earlier launches' before this kernel began), combined in a fixed
+// order.
 __device__ __forceinline__ void write_totals(const StatsArgs& args, Scratch& scratch) {
   __syncthreads();
   const CombineOp op{args.spec};
@@ -260,6 +311,7 @@ template <class Table>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     gradstats_stats_kernel(const Table table, const StatsArgs args) {
   __shared__ Scratch scratch;
+  if (blockIdx.x == 0) finish_empty_tensors(table, args);
   for (int32_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const ChunkRef ref = locate_chunk(table, c);
     Partial p;
@@ -267,11 +319,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       using T = decltype(tag);
       p = chunk_partial(chunk_view<T>(table, ref), args.spec, scratch);
     });
-    if (threadIdx.x == 0) args.chunk_partials[table.first_chunk + c] = p;
+    finish_chunk(table, args, c, p, scratch);
   }
-  if (!finished_last(args.done_blocks, scratch)) return;
-  reduce_tensors(table, args, scratch);
-  if (args.last_launch) write_totals(args, scratch);
+  if (!args.last_launch) return;
+  unsigned int* done_blocks = args.counters + args.num_tensors;
+  if (counted_last(done_blocks, gridDim.x, scratch)) write_totals(args, scratch);
 }
 
 // x <- x * coef in opmath, or 0 for a NaN/Inf x of a tensor being zeroed.

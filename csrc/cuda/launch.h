@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cuda/feature_grid.h"
 #include "cuda/planner.h"
 #include "feature_stats.h"
 #include "partial.h"
@@ -19,13 +20,20 @@ constexpr int kThreads = 256;
 // 16-byte loads in flight to cover the memory latency while a block reduces its chunk, and leave
 // each thread 64 registers.
 constexpr int kBlocksPerSm = 4;
+// Blocks per SM feature_stats' grid aims at (feature_grid.h): enough resident threads, each with
+// its loads in flight, to cover the memory latency; more blocks would only cut the input into more
+// pieces to combine.
+constexpr int kFeatureBlocksPerSm = 4;
 
 // Arguments of the statistics kernel besides its tensor table.
 struct StatsArgs {
-  Partial* chunk_partials;    // the call's workspace: one Partial per chunk, in chunk order
-  Partial* tensor_partials;   // one Partial per tensor of the call
-  unsigned int* done_blocks;  // this launch's counter of finished blocks, zeroed before launch 0
-  void* norms;                // [n] of the output dtype (float, or double when out_double)
+  Partial* chunk_partials;   // the call's workspace: one Partial per chunk, in chunk order
+  Partial* tensor_partials;  // one Partial per tensor of the call
+  // stats_counters(n) counters, zeroed before the call's first launch (by a memset, which a CUDA
+  // graph replays too): one per tensor of the call (its chunks finished so far), then the last
+  // launch's blocks finished so far.
+  unsigned int* counters;
+  void* norms;  // [n] of the output dtype (float, or double when out_double)
   void* total_norm;
   void* clip_coef;
   int64_t* counts;      // [3, n + 1]
@@ -36,6 +44,9 @@ struct StatsArgs {
   bool out_double;
   bool last_launch;  // the launch whose last block writes the totals
 };
+
+// The counters of a call of n tensors (StatsArgs::counters).
+GS_HD int64_t stats_counters(int64_t tensors) { return tensors + 1; }
 
 // Arguments of the scale kernel besides its tensor table.
 struct ScaleArgs {
@@ -55,10 +66,12 @@ void launch_stats(const Table& table, const StatsArgs& args, int grid, cudaStrea
 template <class Table>
 void launch_scale(const Table& table, const ScaleArgs& args, int grid, cudaStream_t stream);
 
-// Launches the two kernels of feature_stats on `stream`: one block per (feature, piece) writes the
-// piece's statistics to `partials` ([pieces, features]), then one thread per feature combines them
-// in piece order into `out` ([kFeatureRows, features] float64). `data` is contiguous, of `dtype`.
+// Launches the kernels of feature_stats on `stream` (features.cuh), on the grid of feature_grid.h:
+// the piece kernel, and the combine kernel when there are several pieces, whose partials then go to
+// `partials` (feature_workspace_bytes). `data` is contiguous, of `dtype`; `out` is
+// [kFeatureRows, features] float64.
 void launch_feature_stats(const void* data, DType dtype, const FeatureShape& shape,
-                          FeatureAcc* partials, double* out, cudaStream_t stream);
+                          const FeatureGrid& grid, FeatureAcc* partials, double* out,
+                          cudaStream_t stream);
 
 }  // namespace gradstats::gpu

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -67,24 +68,25 @@ std::vector<TensorDesc> describe(const std::vector<at::Tensor>& tensors) {
 }
 
 // Everything the stats kernels write besides the outputs: one Partial per chunk and per tensor,
-// and one counter of finished blocks per launch.
+// and the call's counters (launch.h stats_counters).
 struct Workspace {
   at::Tensor storage;
   Partial* chunk_partials;
   Partial* tensor_partials;
-  unsigned int* done_blocks;
+  unsigned int* counters;
+  int64_t counter_bytes;
 };
 
-Workspace make_workspace(c10::Device device, int64_t chunks, int64_t tensors, int64_t launches) {
+Workspace make_workspace(c10::Device device, int64_t chunks, int64_t tensors) {
   const auto partial_bytes = static_cast<int64_t>(sizeof(Partial));
-  const int64_t bytes =
-      (chunks + tensors) * partial_bytes + launches * static_cast<int64_t>(sizeof(unsigned int));
   Workspace ws;
+  ws.counter_bytes = stats_counters(tensors) * static_cast<int64_t>(sizeof(unsigned int));
+  const int64_t bytes = (chunks + tensors) * partial_bytes + ws.counter_bytes;
   ws.storage = at::empty({bytes}, at::TensorOptions().device(device).dtype(at::kByte));
   auto* base = static_cast<uint8_t*>(ws.storage.data_ptr());
   ws.chunk_partials = reinterpret_cast<Partial*>(base);
   ws.tensor_partials = ws.chunk_partials + chunks;
-  ws.done_blocks = reinterpret_cast<unsigned int*>(ws.tensor_partials + tensors);
+  ws.counters = reinterpret_cast<unsigned int*>(ws.tensor_partials + tensors);
   return ws;
 }
 
@@ -140,13 +142,13 @@ class CudaPlan final : public DevicePlan {
     args.spec = spec;
     args.policy = policy;
     args.out_double = out.norms.scalar_type() == at::kDouble;
-    const Workspace ws = make_workspace(device_, plan_.num_chunks, n, launches);
+    const Workspace ws = make_workspace(device_, plan_.num_chunks, n);
     // The counters start at zero in every call (and every graph replay); a memset is no kernel.
-    C10_CUDA_CHECK(cudaMemsetAsync(ws.done_blocks, 0, launches * sizeof(unsigned int), stream));
+    C10_CUDA_CHECK(cudaMemsetAsync(ws.counters, 0, ws.counter_bytes, stream));
     args.chunk_partials = ws.chunk_partials;
     args.tensor_partials = ws.tensor_partials;
+    args.counters = ws.counters;
     run_launches([&](const auto& table, size_t k) {
-      args.done_blocks = ws.done_blocks + k;
       args.last_launch = static_cast<int64_t>(k) + 1 == launches;
       launch_stats(table, args, grid_size(plan_.launches[k].num_chunks, device), stream);
     });
@@ -201,12 +203,18 @@ at::Tensor feature_stats_cuda(const at::Tensor& input, int64_t dim) {
   const FeatureInput in = prepare_feature_input(input, dim);
   const FeatureShape& s = in.shape;
   const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const c10::DeviceIndex device = input.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   at::Tensor out = at::empty({kFeatureRows, s.features}, input.options().dtype(at::kDouble));
-  const int64_t bytes = std::max<int64_t>(1, feature_pieces(s) * s.features) *
-                        static_cast<int64_t>(sizeof(FeatureAcc));
-  const at::Tensor workspace = at::empty({bytes}, input.options().dtype(at::kByte));
-  launch_feature_stats(in.data.const_data_ptr(), dtype_tag(in.data.scalar_type()), s,
+  const FeatureGrid grid =
+      feature_grid(s, in.data.element_size(), int64_t{sm_count(device)} * kFeatureBlocksPerSm);
+  TORCH_CHECK(grid.blocks() <= std::numeric_limits<int32_t>::max(),
+              "gradstats.feature_stats: ", s.features,
+              " features need more blocks than one launch may have");
+  // Bounded: none for one piece, at most a quarter of the input's bytes (feature_stats.h).
+  const at::Tensor workspace =
+      at::empty({feature_workspace_bytes(s, grid.pieces)}, input.options().dtype(at::kByte));
+  launch_feature_stats(in.data.const_data_ptr(), dtype_tag(in.data.scalar_type()), s, grid,
                        static_cast<FeatureAcc*>(workspace.data_ptr()), out.data_ptr<double>(),
                        stream);
   return out;

@@ -10,7 +10,9 @@ each kind its own table.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +145,23 @@ def busy_line(header: Header, busy: list[Row]) -> str:
     )
 
 
-def write_json(path: Path, header: Header, rows: list[Row]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes text to path through a temporary file in its folder and a rename: a reader, or a run
+    killed mid-write (a timeout), finds the previous file or the new one, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, header: Header, rows: list[Row]) -> None:
     payload = {"schema": SCHEMA_VERSION, "header": header, "rows": rows}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_json(path: Path) -> tuple[Header, list[Row]]:

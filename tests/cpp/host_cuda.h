@@ -14,6 +14,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <vector>
 
@@ -134,10 +135,16 @@ inline void run_block(unsigned b, unsigned threads, const std::function<void()>&
   current = nullptr;
 }
 
-// Runs kernel() as `grid` blocks of `threads` threads each, one block after another.
-inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel) {
+// Runs kernel() as `grid` blocks of `threads` threads each, one block after another: in index order
+// when order_seed is 0, else in an order shuffled by it (a GPU runs its blocks in any order, and
+// the last block to finish, which the kernels' counters find, may be any of them).
+inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel,
+                   unsigned order_seed = 0) {
   gridDim.x = grid;
-  for (unsigned b = 0; b < grid; ++b) run_block(b, threads, kernel);
+  std::vector<unsigned> order(grid);
+  for (unsigned b = 0; b < grid; ++b) order[b] = b;
+  if (order_seed != 0) std::shuffle(order.begin(), order.end(), std::mt19937(order_seed));
+  for (unsigned b : order) run_block(b, threads, kernel);
 }
 
 }  // namespace host_cuda

@@ -1,14 +1,18 @@
 // The CUDA kernels themselves (csrc/cuda/kernels.cuh), run on the host (host_cuda.h: a block's
-// threads are std::threads, the blocks run one after another), fed by the real planner. Checks,
-// against partial.h's exact_partial over each tensor in walk order: counts exactly, norms, total
-// and clip coefficient within 1e-6, for every dtype, misaligned and strided tensors, empty ones,
-// NaN/Inf chunks (the exact path), overflowing squares, tiny values (the double re-run), every
-// norm kind and policy; that the outputs are bitwise the same for any grid size and however the
-// list is split into launches; and that the scale kernel scales in opmath, zeroes what it is told
-// to, and touches nothing when the coefficient is >= 1. Built and run by tests/test_planner.py;
-// ends with "N passed, N failed". This checks the kernels' logic, not the GPU's behaviour.
+// threads are fibers, the blocks run one after another, in index order or shuffled), fed by the
+// real planner. Checks, against partial.h's exact_partial over each tensor in walk order: counts
+// exactly, norms, total and clip coefficient within 1e-6, for every dtype, misaligned and strided
+// tensors, empty ones, NaN/Inf chunks (the exact path), overflowing squares, tiny values (the
+// double re-run), every norm kind and policy; the finish spread over the grid (many one-chunk
+// tensors, tensors whose chunks a warp or the whole block combines, several launches, the
+// counters); that the outputs are bitwise the same for any grid size, block order, split into
+// launches, and call over a reused workspace; and that the scale kernel scales in opmath, zeroes
+// what it is told to, and touches nothing when the coefficient is >= 1. Built and run by
+// tests/test_planner.py; ends with "N passed, N failed". This checks the kernels' logic, not the
+// GPU's behaviour.
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -115,12 +119,26 @@ struct Outputs {
   double total = 0;
   double coef = 0;
   std::vector<unsigned char> bits;  // every output's raw bytes, for bitwise comparisons
+  std::vector<unsigned> counters;   // the workspace's counters after the (last) call
 };
 
-// The stats op as ops_cuda.cpp runs it, with `Table` tables and at most max_grid blocks.
+// How run_stats runs the op: at most max_grid blocks a launch, the blocks in index order or in an
+// order shuffled by order_seed (host_cuda.h launch), and `calls` calls over one workspace, its
+// counters zeroed before each as ops_cuda.cpp's memset does (a CUDA graph replays the same way).
+struct RunOptions {
+  unsigned max_grid;
+  unsigned order_seed = 0;
+  int calls = 1;
+};
+
+// A byte that makes every double of the partials' workspace a NaN: a slot read before any block
+// wrote it spoils the outputs.
+constexpr unsigned char kStaleByte = 0xFF;
+
+// The stats op as ops_cuda.cpp runs it, with `Table` tables.
 template <class Table>
 Outputs run_stats(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite policy,
-                  double max_norm, unsigned max_grid) {
+                  double max_norm, const RunOptions& options) {
   std::vector<TensorDesc> descs;
   bool any_double = false;
   for (HostTensor& t : tensors) {
@@ -131,7 +149,9 @@ Outputs run_stats(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite pol
   const CallPlan plan = plan_call(descs, Table::kCapacity, Table::kDimCapacity);
   std::vector<Partial> chunk_partials(plan.num_chunks);
   std::vector<Partial> tensor_partials(n);
-  std::vector<unsigned> done_blocks(plan.launches.size(), 0);
+  std::memset(chunk_partials.data(), kStaleByte, chunk_partials.size() * sizeof(Partial));
+  std::memset(tensor_partials.data(), kStaleByte, tensor_partials.size() * sizeof(Partial));
+  std::vector<unsigned> counters(stats_counters(n));
   std::vector<double> norms64(n);
   std::vector<float> norms32(n);
   std::vector<int64_t> counts(kCountRows * (n + 1), -1);
@@ -143,6 +163,7 @@ Outputs run_stats(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite pol
   StatsArgs args{};
   args.chunk_partials = chunk_partials.data();
   args.tensor_partials = tensor_partials.data();
+  args.counters = counters.data();
   args.norms = any_double ? static_cast<void*>(norms64.data()) : norms32.data();
   args.total_norm = any_double ? static_cast<void*>(&total64) : &total32;
   args.clip_coef = any_double ? static_cast<void*>(&coef64) : &coef32;
@@ -153,18 +174,23 @@ Outputs run_stats(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite pol
   args.policy = policy;
   args.out_double = any_double;
   auto table = std::make_unique<Table>();
-  for (size_t k = 0; k < plan.launches.size(); ++k) {
-    pack_launch(descs, plan.launches[k], *table);
-    args.done_blocks = &done_blocks[k];
-    args.last_launch = k + 1 == plan.launches.size();
-    const auto grid = static_cast<unsigned>(
-        std::max<int64_t>(1, std::min<int64_t>(plan.launches[k].num_chunks, max_grid)));
-    const Table& launched = *table;
-    host_cuda::launch(grid, kThreads, [&] { gradstats_stats_kernel<Table>(launched, args); });
+  for (int call = 0; call < options.calls; ++call) {
+    std::fill(counters.begin(), counters.end(), 0u);
+    for (size_t k = 0; k < plan.launches.size(); ++k) {
+      pack_launch(descs, plan.launches[k], *table);
+      args.last_launch = k + 1 == plan.launches.size();
+      const auto grid = static_cast<unsigned>(
+          std::max<int64_t>(1, std::min<int64_t>(plan.launches[k].num_chunks, options.max_grid)));
+      const Table& launched = *table;
+      host_cuda::launch(
+          grid, kThreads, [&] { gradstats_stats_kernel<Table>(launched, args); },
+          options.order_seed);
+    }
   }
 
   Outputs out;
   out.counts = counts;
+  out.counters = counters;
   for (int64_t i = 0; i < n; ++i) out.norms.push_back(any_double ? norms64[i] : norms32[i]);
   out.total = any_double ? total64 : total32;
   out.coef = any_double ? coef64 : coef32;
@@ -258,11 +284,46 @@ std::string name_of(NormSpec spec, Nonfinite policy, bool with_double, bool with
          (with_nonfinite ? " +nonfinite" : "");
 }
 
+// Lists of more than three tensors take several launches with this table.
+using Tiny = TensorTable<3, 2 * kMaxLayoutDims>;
+constexpr unsigned kFewBlocks = 3;     // fewer blocks than chunks: blocks take several
+constexpr unsigned kManyBlocks = 64;   // a block per chunk of make_list's lists
+constexpr unsigned kShuffled = 12345;  // a seed for a shuffled block order
+constexpr double kMaxNorm = 1.0;
+
+// Counts exactly; norms, total and coefficient within kNormRtol.
+void check_outputs(const Outputs& got, const Outputs& want, const std::string& what) {
+  check(got.counts == want.counts, what + ": counts");
+  bool norms_ok = true;
+  for (size_t i = 0; i < want.norms.size(); ++i) {
+    const bool ok = close(got.norms[i], want.norms[i]);
+    if (!ok) {
+      std::printf("  tensor %zu: norm %.17g, expected %.17g\n", i, got.norms[i], want.norms[i]);
+    }
+    norms_ok = norms_ok && ok;
+  }
+  check(norms_ok, what + ": per-tensor norms");
+  check(close(got.total, want.total), what + ": total norm");
+  check(close(got.coef, want.coef), what + ": clip coefficient");
+}
+
+// Runs the op every other way that must not change a bit of `got`: the list split into launches,
+// one block, a block per chunk, a shuffled block order, and a second call over the same workspace.
+void check_bitwise_invariant(std::vector<HostTensor>& tensors, NormSpec spec, Nonfinite policy,
+                             const Outputs& got, const std::string& what) {
+  const auto same = [&](const Outputs& other, const std::string& how) {
+    check(other.bits == got.bits, what + ": " + how + " gives bitwise the same outputs");
+  };
+  same(run_stats<Tiny>(tensors, spec, policy, kMaxNorm, {kFewBlocks}), "a split into launches");
+  same(run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, {1}), "one block");
+  same(run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, {kManyBlocks}), "a block per chunk");
+  same(run_stats<Tiny>(tensors, spec, policy, kMaxNorm, {kManyBlocks, kShuffled}),
+       "a shuffled block order");
+  same(run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, {kFewBlocks, 0, 2}),
+       "a second call over the same workspace");
+}
+
 void test_stats() {
-  using Tiny = TensorTable<3, 2 * kMaxLayoutDims>;  // four launches for the list
-  constexpr unsigned kFewBlocks = 3;                // fewer blocks than chunks: blocks take several
-  constexpr unsigned kManyBlocks = 64;              // a block per chunk
-  constexpr double kMaxNorm = 1.0;
   constexpr double kInf = std::numeric_limits<double>::infinity();
   // Every kind of norm: the fast paths, a general p, a p too large for 2^k scales, the 0 count,
   // and the reciprocal (negative) orders.
@@ -277,30 +338,65 @@ void test_stats() {
           const NormSpec spec = make_norm_spec(p);
           const std::string what = name_of(spec, policy, with_double, with_nonfinite);
           const Outputs want = reference(tensors, spec, policy, kMaxNorm);
-          const Outputs got = run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, kFewBlocks);
-          check(got.counts == want.counts, what + ": counts");
-          bool norms_ok = true;
-          for (size_t i = 0; i < want.norms.size(); ++i) {
-            const bool ok = close(got.norms[i], want.norms[i]);
-            if (!ok) {
-              std::printf("  tensor %zu: norm %.17g, expected %.17g\n", i, got.norms[i],
-                          want.norms[i]);
-            }
-            norms_ok = norms_ok && ok;
-          }
-          check(norms_ok, what + ": per-tensor norms");
-          check(close(got.total, want.total), what + ": total norm");
-          check(close(got.coef, want.coef), what + ": clip coefficient");
-          const Outputs split = run_stats<Tiny>(tensors, spec, policy, kMaxNorm, kFewBlocks);
-          check(split.bits == got.bits, what + ": split launches give bitwise the same outputs");
-          if (spec.kind == NormKind::kL2) {  // the grid is independent of the norm
-            const Outputs wide =
-                run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, kManyBlocks);
-            check(wide.bits == got.bits, what + ": any grid gives bitwise the same outputs");
-          }
+          const Outputs got = run_stats<SmallTable>(tensors, spec, policy, kMaxNorm, {kFewBlocks});
+          check_outputs(got, want, what);
+          check_bitwise_invariant(tensors, spec, policy, got, what);
         }
       }
     }
+  }
+}
+
+// The finish spread over the grid (kernels.cuh finish_chunk): many tensors of one chunk (finished
+// by the block that read them), and tensors of 2, kWarpSize and kWarpSize + 1 chunks (a warp, then
+// the whole block, combines their chunk partials) among them, over several launches. Against the
+// reference, bitwise the same however it is run, and each counter counted what it should: a
+// tensor's chunks (0 for a tensor of one chunk or none), the last launch's blocks.
+void test_finish() {
+  std::mt19937 gen(7);
+  // More than a small table holds: the list takes two launches even with SmallTable.
+  constexpr int kSingleChunkTensors = 150;
+  // Sizes of the one-chunk tensors cycle through this many elements (every head and tail).
+  constexpr int64_t kSmallSizes = 3001;
+  const DType dtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64};
+  std::vector<HostTensor> ts;
+  for (int i = 0; i < kSingleChunkTensors; ++i) {
+    const int64_t n = 1 + (int64_t{i} * 997) % kSmallSizes;
+    ts.push_back(make_tensor(dtypes[i % 4], {n}, {1}, i % 5, gen));
+  }
+  const auto insert = [&](size_t at, HostTensor t) {
+    ts.insert(ts.begin() + static_cast<std::ptrdiff_t>(at), std::move(t));
+  };
+  insert(3, make_tensor(DType::kBFloat16, {kWarpSize * kChunkElems}, {1}, 1, gen));
+  insert(40, make_tensor(DType::kFloat32, {2 * kChunkElems - 7}, {1}, 0, gen));
+  insert(41, make_tensor(DType::kFloat32, {0}, {1}, 0, gen));
+  insert(90, make_tensor(DType::kFloat16, {(kWarpSize + 1) * kChunkElems}, {1}, 2, gen));
+  insert(120, make_tensor(DType::kFloat32, {600, 200}, {256, 1}, 0, gen));  // strided, 2 chunks
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  store_from_double(ts[90].at(5 * kChunkElems + 11), ts[90].dtype, nan);  // an exact-path chunk
+
+  const auto n = static_cast<int64_t>(ts.size());
+  std::vector<unsigned> want_counters(stats_counters(n), 0u);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t chunks = chunk_count(ts[i].layout.numel);
+    want_counters[i] = chunks > 1 ? static_cast<unsigned>(chunks) : 0u;
+  }
+  std::vector<TensorDesc> descs;
+  for (HostTensor& t : ts) descs.push_back(describe(t));
+  const CallPlan plan = plan_call(descs, SmallTable::kCapacity, SmallTable::kDimCapacity);
+  want_counters[n] =
+      static_cast<unsigned>(std::min<int64_t>(plan.launches.back().num_chunks, kManyBlocks));
+
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (double p : {2.0, 3.0, kInf}) {
+    const NormSpec spec = make_norm_spec(p);
+    const std::string what = "finish, " + name_of(spec, Nonfinite::kPropagate, true, true);
+    const Outputs want = reference(ts, spec, Nonfinite::kPropagate, kMaxNorm);
+    const Outputs got =
+        run_stats<SmallTable>(ts, spec, Nonfinite::kPropagate, kMaxNorm, {kManyBlocks, kShuffled});
+    check_outputs(got, want, what);
+    check(got.counters == want_counters, what + ": each counter counted its tensor's chunks");
+    check_bitwise_invariant(ts, spec, Nonfinite::kPropagate, got, what);
   }
 }
 
@@ -375,6 +471,7 @@ void test_scale() {
 
 int main() {
   test_stats();
+  test_finish();
   test_scale();
   return report();
 }
