@@ -252,7 +252,8 @@ def mutate(params, what, value, others):
         p.data = p.data.double()
         p.grad = torch.randn(p.shape, dtype=torch.float64)
     elif kind == 7:
-        g.view(-1)[value % g.numel()] = math.nan if value % 2 else math.inf
+        where = torch.unravel_index(torch.tensor(value % g.numel()), g.shape)
+        g[tuple(int(i) for i in where)] = math.nan if value % 2 else math.inf
     elif kind == 8:
         torch.utils.swap_tensors(p, others[what % len(others)])
     elif kind == 9:
