@@ -226,15 +226,16 @@ for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
   [[ -z "$SANITIZER" && -x "$candidate" ]] && SANITIZER=$candidate
 done
 
-sanitize() {  # tool limit env-assignment extra-args...
-  local tool=$1 limit=$2 env_assignment=$3
+sanitize() {  # tool limit "NAME=value ..." extra-args...: the environment, space-separated
+  local tool=$1 limit=$2 assignments
+  read -ra assignments <<<"$3"
   shift 3
   local log="$LOGS/sanitizer_$tool.log"
   local common=(--tool "$tool" --error-exitcode "$SANITIZER_ERROR_EXIT" --report-api-errors no "$@")
   # Only the gradstats kernels are instrumented (torch's own are not ours to check, and slow).
   # Their names carry "gradstats_" in both mangled and demangled form; the control step below
   # proves that the filter instruments them.
-  run_step "$tool" "$limit" "$log" env "$env_assignment" "$SANITIZER" "${common[@]}" \
+  run_step "$tool" "$limit" "$log" env "${assignments[@]}" "$SANITIZER" "${common[@]}" \
     --kernel-name "$KERNEL_FILTER" "$PY" benchmarks/sanitize_case.py
   local summary
   summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1 | sed -E 's/^=+ *//')
@@ -260,10 +261,13 @@ else
   fi
   # Without the caching allocator every tensor is its own allocation: memcheck then sees
   # accesses past a tensor's end, not only past a cached block's.
-  sanitize memcheck "$MEMCHECK_TIMEOUT_S" PYTORCH_NO_CUDA_MEMORY_CACHING=1 --leak-check no
-  sanitize racecheck "$RACECHECK_TIMEOUT_S" GRADSTATS_SANITIZER=racecheck --racecheck-report hazard
-  sanitize synccheck "$SYNCCHECK_TIMEOUT_S" GRADSTATS_SANITIZER=synccheck
-  sanitize initcheck "$INITCHECK_TIMEOUT_S" PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  # GRADSTATS_SANITIZER tells sanitize_case.py which tool watches (initcheck leaves out the cases
+  # whose inputs only a torch kernel writes).
+  uncached="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
+  sanitize memcheck "$MEMCHECK_TIMEOUT_S" "$uncached GRADSTATS_SANITIZER=memcheck" --leak-check no
+  sanitize racecheck "$RACECHECK_TIMEOUT_S" "GRADSTATS_SANITIZER=racecheck" --racecheck-report hazard
+  sanitize synccheck "$SYNCCHECK_TIMEOUT_S" "GRADSTATS_SANITIZER=synccheck"
+  sanitize initcheck "$INITCHECK_TIMEOUT_S" "$uncached GRADSTATS_SANITIZER=initcheck"
 fi
 
 # ---- stress and tail timings ---------------------------------------------------------------
