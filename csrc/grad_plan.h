@@ -12,12 +12,18 @@
 // set_, as_strided_, .data =, swap_tensors, a new dtype or device, None) can make the kernels read
 // or write memory that was not verified in the same call. The plan holds the parameters (the Python
 // list) and no pointer into anything else between calls.
+//
+// DTensor gradients (FSDP2, tensor parallel) are planned through their local tensors, read at each
+// call from the DTensor's own attributes (no autograd dispatch, unlike to_local()); their sharding
+// (the DTensor's spec) is part of the layout. gradstats.GradPlan reduces the local statistics over
+// the meshes (gradstats.distributed).
 #pragma once
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -44,24 +50,66 @@ inline bool dense_tensor(const at::Tensor& t) {
          !impl->has_symbolic_sizes_strides() && impl->has_storage();
 }
 
+// An attribute name as a Python string made once and never freed: a static pybind11::str would be
+// released after the interpreter has gone, at exit.
+inline pybind11::handle interned(const char* name) {
+  return pybind11::handle(PyUnicode_InternFromString(name));
+}
+
 // What the kernels read of a gradient, but for where its elements are.
 class GradLayout {
  public:
   GradLayout() = default;  // no gradient
 
-  // The layout of g, or for a gradient the plan cannot keep (not a dense_tensor) one that no
-  // gradient matches: such a list is planned anew at each call (and takes the functional path).
-  explicit GradLayout(const at::Tensor& g) : kind_(dense_tensor(g) ? kDense : kOther) {
-    if (kind_ != kDense) return;
-    const c10::TensorImpl& impl = *g.unsafeGetTensorImpl();
-    keys_ = impl.key_set();
-    dtype_ = impl.dtype();
-    device_ = impl.device();
-    dim_ = impl.dim();
-    sizes_strides_.append(impl.sizes().begin(), impl.sizes().end());
-    sizes_strides_.append(impl.strides().begin(), impl.strides().end());
-    reach_ = element_reach(impl.sizes(), impl.strides());
-    itemsize_ = static_cast<int64_t>(impl.itemsize());
+  // The layout of g (grad: its Python object), or for a gradient the plan cannot keep (neither a
+  // dense_tensor nor a DTensor of one) one that no gradient matches: such a list is planned anew at
+  // each call (and takes the functional path).
+  GradLayout(const at::Tensor& g, PyObject* grad) {
+    if (dense_tensor(g)) {
+      describe(*g.unsafeGetTensorImpl(), kDense);
+      return;
+    }
+    const std::optional<DTensorParts> parts = dtensor_parts(grad);
+    if (!parts || !dense_tensor(THPVariable_Unpack(parts->local.ptr()))) {
+      kind_ = kOther;
+      return;
+    }
+    describe(*THPVariable_Unpack(parts->local.ptr()).unsafeGetTensorImpl(), kDTensor);
+    wrapper_keys_ = g.key_set();
+    spec_ = parts->spec;
+  }
+
+  // A DTensor's parts as its own attributes hold them (what to_local() returns, without the
+  // autograd Function around it); none for any other tensor.
+  struct DTensorParts {
+    pybind11::object spec;   // the DTensorSpec: mesh and placements
+    pybind11::object local;  // the local tensor
+  };
+  static std::optional<DTensorParts> dtensor_parts(PyObject* grad) {
+    static const pybind11::handle spec_name = interned("_spec");
+    static const pybind11::handle local_name = interned("_local_tensor");
+    const pybind11::handle h(grad);
+    if (!pybind11::hasattr(h, spec_name) || !pybind11::hasattr(h, local_name)) return std::nullopt;
+    pybind11::object local = h.attr(local_name);
+    if (!THPVariable_Check(local.ptr())) return std::nullopt;
+    return DTensorParts{h.attr(spec_name), std::move(local)};
+  }
+
+  bool is_dtensor() const { return kind_ == kDTensor; }
+
+  // For a DTensor layout: the local tensor of g (the gradient of `param`), when g is a DTensor of
+  // the planned spec whose local tensor matches() the planned layout; null otherwise. The spec is
+  // compared by identity first (FSDP2 gives each step's gradient its parameter's spec object),
+  // else by value.
+  const c10::TensorImpl* local_tensor(PyObject* param, const c10::TensorImpl* g) const {
+    if (g == nullptr || g->key_set() != wrapper_keys_) return nullptr;
+    static const pybind11::handle grad_name = interned("grad");
+    const pybind11::object grad = pybind11::handle(param).attr(grad_name);
+    const std::optional<DTensorParts> parts = dtensor_parts(grad.ptr());
+    if (!parts || !(parts->spec.is(spec_) || parts->spec.equal(spec_))) return nullptr;
+    const c10::TensorImpl* local = THPVariable_Unpack(parts->local.ptr()).unsafeGetTensorImpl();
+    // The DTensor (held by the parameter) keeps its local tensor alive through the call.
+    return matches(local, kDTensor) ? local : nullptr;
   }
 
   // Fetches the storage of g ahead of matches(g), when g is a dense tensor as planned (only those
@@ -73,8 +121,33 @@ class GradLayout {
   }
 
   // Whether g (null: no gradient) has this layout, and its storage holds it at its offset.
-  bool matches(const c10::TensorImpl* g) const {
-    if (g == nullptr || kind_ != kDense) return g == nullptr && kind_ == kNone;
+  bool matches(const c10::TensorImpl* g) const { return matches(g, kDense); }
+
+  // Where the elements of g, which matches(), start. mutable_data: the plan may write (scale), so
+  // a copy-on-write storage is materialised now, as any in-place torch op would.
+  uint64_t address(const c10::TensorImpl* g) const {
+    char* data = static_cast<char*>(g->unsafe_storage().mutable_data());
+    return reinterpret_cast<uint64_t>(data + g->storage_offset() * itemsize_);
+  }
+
+ private:
+  enum Kind { kNone, kDense, kDTensor, kOther };
+
+  void describe(const c10::TensorImpl& impl, Kind kind) {
+    kind_ = kind;
+    keys_ = impl.key_set();
+    dtype_ = impl.dtype();
+    device_ = impl.device();
+    dim_ = impl.dim();
+    sizes_strides_.append(impl.sizes().begin(), impl.sizes().end());
+    sizes_strides_.append(impl.strides().begin(), impl.strides().end());
+    reach_ = element_reach(impl.sizes(), impl.strides());
+    itemsize_ = static_cast<int64_t>(impl.itemsize());
+  }
+
+  // Whether g is a tensor of this layout, of kind `as` (a gradient, or a DTensor's local tensor).
+  bool matches(const c10::TensorImpl* g, Kind as) const {
+    if (g == nullptr || kind_ != as) return g == nullptr && kind_ == kNone;
     // The dispatch keys first: equal to a plain dense tensor's, they rule out a subclass, a sparse
     // or a lazy tensor, whose sizes or storage must not be asked for.
     if (g->key_set() != keys_ || g->dtype() != dtype_ || g->device() != device_ ||
@@ -90,20 +163,13 @@ class GradLayout {
     return storage && within_storage(g->storage_offset(), reach_, itemsize_, storage.nbytes());
   }
 
-  // Where the elements of g, which matches(), start. mutable_data: the plan may write (scale), so
-  // a copy-on-write storage is materialised now, as any in-place torch op would.
-  uint64_t address(const c10::TensorImpl* g) const {
-    char* data = static_cast<char*>(g->unsafe_storage().mutable_data());
-    return reinterpret_cast<uint64_t>(data + g->storage_offset() * itemsize_);
-  }
-
- private:
   // Dimensions whose sizes and strides a layout holds in place (more go to the heap): a plan's
   // layouts lie in one array, read in order at every call, without a pointer to follow.
   static constexpr size_t kInlineDims = 5;
 
-  enum Kind { kNone, kDense, kOther };
   Kind kind_ = kNone;
+  c10::DispatchKeySet wrapper_keys_;  // a DTensor gradient's own keys
+  pybind11::object spec_;             // a DTensor gradient's spec
   c10::DispatchKeySet keys_;
   caffe2::TypeMeta dtype_;
   c10::Device device_{c10::kCPU};
@@ -159,8 +225,11 @@ class GradPlan {
   // exactly this plan's parameters, in order: the very objects, not equal tensors.
   bool same_params(const pybind11::list& groups) const;
 
-  // The stats op on the gradients (None when not planned); with clip, the scale op follows with
-  // the coefficient it computed, zeroing NaN/Inf under "zero".
+  // The stats op on the gradients (None when not planned): (total, coef, norms, counts, local)
+  // with local None; with clip, the scale op follows with the coefficient it computed, zeroing
+  // NaN/Inf under "zero". A plan of DTensor gradients instead returns this rank's statistics of
+  // their local tensors (float64, no coefficient, nothing clipped), for the caller to combine over
+  // the meshes, with local telling whether the local norms are float64 (else float32).
   pybind11::object stats(double norm_type, double max_norm, c10::string_view on_nonfinite,
                          bool wide, bool clip);
 
@@ -196,7 +265,10 @@ class GradPlan {
   std::vector<GradLayout> layouts_;
   std::vector<uint64_t> addresses_;  // of the gradients, in this call only
   pybind11::list with_grads_;
+  bool sharded_ = false;  // some gradient is a DTensor: statistics are local, combined in Python
   std::unique_ptr<DevicePlan> plan_;
+  // The max_norm of a plan's local statistics: their coefficient is computed after combining.
+  static constexpr double kNoClip = std::numeric_limits<double>::infinity();
   int64_t builds_ = 0;
 };
 
@@ -260,26 +332,43 @@ inline bool GradPlan::verify() {
     if (i + 2 * kPrefetchAhead < n) prefetch_object(grads[i + 2 * kPrefetchAhead]);
     if (i + kPrefetchAhead < n)
       layouts_[i + kPrefetchAhead].prefetch_storage(grads[i + kPrefetchAhead]);
+    const GradLayout& layout = layouts_[i];
     const c10::TensorImpl* g = grads[i];
-    if (!layouts_[i].matches(g)) return false;
-    if (g != nullptr) addresses_.push_back(layouts_[i].address(g));
+    if (layout.is_dtensor()) {
+      g = layout.local_tensor(PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i)), g);
+      if (g == nullptr) return false;
+    } else if (!layout.matches(g)) {
+      return false;
+    }
+    if (g != nullptr) addresses_.push_back(layout.address(g));
   }
   return true;
 }
 
 inline void GradPlan::rebuild() {
   with_grads_ = pybind11::list();
+  sharded_ = false;
   std::vector<at::Tensor> grads;
   bool ok = true;
   PyObject* list = params_.ptr();
   for (size_t i = 0; i < layouts_.size(); ++i) {
     PyObject* item = PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i));
     const at::Tensor& g = THPVariable_Unpack(item).grad();
-    layouts_[i] = g.defined() ? GradLayout(g) : GradLayout();
+    layouts_[i] = GradLayout();
     if (!g.defined()) continue;
-    ok = ok && plannable(g, grads.empty() ? g.device() : grads[0].device());
+    // The gradient's Python object, where a subclass (a DTensor) keeps its parts.
+    const pybind11::object grad =
+        dense_tensor(g) ? pybind11::object() : pybind11::handle(item).attr("grad");
+    layouts_[i] = GradLayout(g, grad.ptr());
+    sharded_ = sharded_ || layouts_[i].is_dtensor();
+    // What the kernels read: the gradient, or a DTensor's local tensor.
+    const at::Tensor read =
+        layouts_[i].is_dtensor()
+            ? THPVariable_Unpack(GradLayout::dtensor_parts(grad.ptr())->local.ptr())
+            : g;
+    ok = ok && plannable(read, grads.empty() ? read.device() : grads[0].device());
     with_grads_.append(item);
-    grads.push_back(g);
+    grads.push_back(read);
   }
   plan_.reset();
   ++builds_;
@@ -308,6 +397,12 @@ inline pybind11::object GradPlan::stats(double norm_type, double max_norm,
   const NormSpec spec = parse_norm_type(norm_type);
   parse_max_norm(max_norm);
   const Nonfinite policy = parse_nonfinite(on_nonfinite);
+  if (sharded_) {
+    const StatsOutputs out = plan_->stats(spec, policy, kNoClip, /*wide=*/true);
+    const bool narrow_double = plan_->narrow_dtype() == at::kDouble;
+    return pybind11::make_tuple(out.total_norm, out.clip_coef, out.norms, out.counts,
+                                narrow_double);
+  }
   const StatsOutputs out = plan_->stats(spec, policy, max_norm, wide);
   if (clip) {
     std::optional<at::Tensor> zero;
@@ -316,7 +411,8 @@ inline pybind11::object GradPlan::stats(double norm_type, double max_norm,
     }
     plan_->scale(out.clip_coef, zero);
   }
-  return pybind11::make_tuple(out.total_norm, out.clip_coef, out.norms, out.counts);
+  return pybind11::make_tuple(out.total_norm, out.clip_coef, out.norms, out.counts,
+                              pybind11::none());
 }
 
 inline bool GradPlan::scale(const at::Tensor& coef,

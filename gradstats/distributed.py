@@ -113,8 +113,8 @@ class _Reduction:
 
 
 @dataclass
-class _Local:
-    """This rank's statistics of its tensors (local shards of DTensors)."""
+class LocalPart:
+    """This rank's statistics of its tensors (local shards of DTensors), float64."""
 
     norms: Tensor  # per tensor, in the norm dtype
     counts: Tensor  # int64 [3, n + 1], totals in the last column
@@ -144,22 +144,56 @@ def statistics(
         return local_stats(tensors, norm_type, max_norm, on_nonfinite, wide)
     check_process_group(process_group)
     items = list(tensors)
-    meshes = _meshes(items)
-    if not meshes and process_group is None:
+    layout = mesh_layout(items)
+    if layout is None and process_group is None:
         return local_stats(items, norm_type, max_norm, on_nonfinite, wide)
+    check_combinable(norm_type, process_group, layout)
+    if layout is not None and layout.partial:
+        items = [_summed(t) for t in items]
+        layout = mesh_layout(items)
+    shards = local_tensors(items)
+    local = _local_stats(shards, norm_type, on_nonfinite, process_group)
+    dtype = ops.norm_dtype(shards, wide)
+    return combine(
+        local, layout, norm_type, max_norm, on_nonfinite, process_group, per_tensor, dtype
+    )
+
+
+def check_combinable(
+    norm_type: float, process_group: ProcessGroup | None, layout: MeshLayout | None
+) -> None:
+    """Raises for what cannot be combined over ranks: norm types <= 0, or a process_group that
+    shares ranks with the DTensors' meshes."""
     if not norm_type > 0:
         raise ValueError(
             f"gradstats: norm_type {norm_type} (0, negative or -inf) is not supported for "
             "DTensor gradients or with a process_group: their norms are combined across ranks as "
             "p-norms with p > 0"
         )
-    if process_group is not None:
-        _check_disjoint(process_group, meshes)
-    items = [_summed(t) for t in items]
-    reductions, replicated = _layout(items)
-    shards = local_tensors(items)
-    dtype = ops.norm_dtype(shards, wide)
-    local = _local_stats(shards, norm_type, on_nonfinite, process_group)
+    if process_group is not None and layout is not None:
+        _check_disjoint(process_group, layout.meshes)
+
+
+def local_part(st: GradStats) -> LocalPart:
+    """This rank's statistics (wide: float64 norms) as combine() takes them."""
+    return LocalPart(st.norms, st.counts, _without_nan(st.total_norm), _without_nan(st.norms))
+
+
+def combine(
+    local: LocalPart,
+    layout: MeshLayout | None,
+    norm_type: float,
+    max_norm: float,
+    on_nonfinite: str,
+    process_group: ProcessGroup | None,
+    per_tensor: bool,
+    dtype: torch.dtype,
+) -> GradStats:
+    """The global statistics from this rank's local ones: each reduction of the layout (one
+    all-reduce a set of meshes' groups), the replicated tensors counted once, the totals over
+    process_group; narrowed to dtype, the coefficient from the exact float64 total."""
+    reductions = [] if layout is None else layout.reductions
+    replicated = list(range(local.norms.numel())) if layout is None else layout.replicated
     n = local.norms.numel()
 
     # This rank's share as disjoint parts, (p-norm in float64, NaN and Inf counts) each; the
@@ -202,25 +236,14 @@ def statistics(
 
 def _local_stats(
     shards: list[Tensor], norm_type: float, on_nonfinite: str, process_group: ProcessGroup | None
-) -> _Local:
+) -> LocalPart:
     if shards:
-        st = local_stats(shards, norm_type, math.inf, on_nonfinite, wide=True)
-        norms, counts, total = st.norms, st.counts, st.total_norm
-    else:
-        device = _group_device(process_group)
-        norms = torch.zeros(0, dtype=torch.float64, device=device)
-        counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-    return _Local(norms, counts, _without_nan(total), _without_nan(norms))
-
-
-def _meshes(items: list[Tensor]) -> list[DeviceMesh]:
-    """The device meshes of the DTensors among the items, in order of first appearance."""
-    found: dict[DeviceMesh, None] = {}
-    for t in items:
-        if isinstance(t, DTensor):
-            found.setdefault(t.device_mesh)
-    return list(found)
+        return local_part(local_stats(shards, norm_type, math.inf, on_nonfinite, wide=True))
+    device = _group_device(process_group)
+    norms = torch.zeros(0, dtype=torch.float64, device=device)
+    counts = torch.zeros(3, 1, dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    return LocalPart(norms, counts, total, norms)
 
 
 def _check_disjoint(process_group: ProcessGroup, meshes: list[DeviceMesh]) -> None:
@@ -247,37 +270,57 @@ def _summed(t: Tensor) -> Tensor:
     return t.redistribute(t.device_mesh, placements)
 
 
-def _layout(items: list[Tensor]) -> tuple[list[_Reduction], list[int]]:
-    """The reductions the DTensors need, and the positions of the tensors whose local statistics
-    are already global (plain tensors, DTensors replicated over their whole mesh)."""
-    by_mesh: dict[DeviceMesh, list[int]] = {}
+@dataclass
+class MeshLayout:
+    """How a list of tensors is spread over the ranks, from its DTensors' meshes and placements:
+    what combine() needs besides the local statistics."""
+
+    reductions: list[_Reduction]
+    replicated: list[int]  # positions whose local statistics are already global
+    meshes: list[DeviceMesh]
+    partial: bool  # a DTensor has Partial placements: summed (redistributed) before anything
+
+
+def mesh_layout(items: Sequence[Tensor]) -> MeshLayout | None:
+    """The layout of the items (None when none is a DTensor): one pass over their specs, each
+    distinct placements tuple looked at once (FSDP2's thousands of gradients share a handful)."""
+    by_mesh: dict[int, tuple[DeviceMesh, list[tuple[int, tuple]]]] = {}
     replicated: list[int] = []
     for i, t in enumerate(items):
         if isinstance(t, DTensor):
-            by_mesh.setdefault(t.device_mesh, []).append(i)
+            spec = t._spec
+            entry = by_mesh.setdefault(id(spec.mesh), (spec.mesh, []))
+            entry[1].append((i, spec.placements))
         else:
             replicated.append(i)
+    if not by_mesh:
+        return None
     reductions: dict[tuple[str, ...], _Reduction] = {}
-    for mesh, indices in by_mesh.items():
+    partial = False
+    for mesh, members in by_mesh.values():
         coordinate = mesh.get_coordinate()
         if coordinate is None:
             raise ValueError(f"gradstats: rank {dist.get_rank()} is not in the DTensors' {mesh}")
-        sharded = sorted(
-            {d for i in indices for d, p in enumerate(items[i].placements) if p.is_shard()}
-        )
+        distinct = {id(placements): placements for _, placements in members}
+        partial = partial or any(p.is_partial() for pl in distinct.values() for p in pl)
+        sharded = sorted({d for pl in distinct.values() for d, p in enumerate(pl) if p.is_shard()})
         if not sharded:
-            replicated.extend(indices)
+            replicated.extend(i for i, _ in members)
             continue
         groups, slot, size, covered = _mesh_groups(mesh, sharded)
         key = tuple(g.group_name for g in groups)
         red = reductions.setdefault(key, _Reduction(groups, slot, size))
-        for i in indices:
-            placements = items[i].placements
+        # Only the rank at coordinate 0 of a Replicate dimension counts its copy.
+        counts_copy = {
+            k: all(coordinate[d] == 0 for d in covered if pl[d].is_replicate())
+            for k, pl in distinct.items()
+        }
+        for i, placements in members:
             red.indices.append(i)
-            red.contributes.append(
-                all(coordinate[d] == 0 for d in covered if placements[d].is_replicate())
-            )
-    return list(reductions.values()), sorted(replicated)
+            red.contributes.append(counts_copy[id(placements)])
+    replicated.sort()
+    meshes = [mesh for mesh, _ in by_mesh.values()]
+    return MeshLayout(list(reductions.values()), replicated, meshes, partial)
 
 
 def _mesh_groups(
@@ -300,7 +343,7 @@ def _mesh_groups(
 
 
 def _reduce(
-    red: _Reduction, local: _Local, idx: Tensor | None, norm_type: float, per_tensor: bool
+    red: _Reduction, local: LocalPart, idx: Tensor | None, norm_type: float, per_tensor: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The global statistics of red's DTensors: total (float64), NaN and Inf counts [2, k] and
     per-tensor norms [k] (float64).

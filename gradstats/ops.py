@@ -62,9 +62,11 @@ def grad_plan(params: Sequence[Tensor]) -> Any:
 
 def plan_stats(
     plan: Any, norm_type: float, max_norm: float, on_nonfinite: str, wide: bool, clip: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool | None] | None:
     """The stats op on a grad_plan's gradients, as stats() returns it, and with clip the scale
-    op after it (zeroing NaN/Inf under "zero"); None when the plan does not serve them."""
+    op after it (zeroing NaN/Inf under "zero"), then None; None when the plan does not serve them.
+    A plan of DTensor gradients gives the statistics of their local tensors instead (float64, not
+    clipped), then whether the local norm dtype is float64 (csrc/grad_plan.h)."""
     return plan.stats(norm_type, max_norm, on_nonfinite, wide, clip)
 
 

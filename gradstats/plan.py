@@ -38,7 +38,14 @@ from gradstats._core import (
     stats_arguments,
 )
 from gradstats.clip import clip_grad_norm_
-from gradstats.distributed import statistics
+from gradstats.distributed import (
+    MeshLayout,
+    check_combinable,
+    combine,
+    local_part,
+    mesh_layout,
+    statistics,
+)
 from gradstats.stats import grad_stats
 
 if TYPE_CHECKING:
@@ -58,6 +65,10 @@ class GradPlan:
             if not isinstance(p, Tensor):
                 raise TypeError(f"GradPlan: item {i} is a {type(p).__name__}, expected a tensor")
         self._native = ops.grad_plan(self._params)
+        # DTensor gradients: their layout over the meshes, for the build it was taken from; and a
+        # build whose gradients take the functional path (Partial DTensors, summed first).
+        self._layout: tuple[int, MeshLayout | None] = (-1, None)
+        self._functional_build = -1
 
     def __repr__(self) -> str:
         return f"GradPlan({len(self._params)} parameters, built {self.builds} times)"
@@ -102,8 +113,38 @@ class GradPlan:
         """The gradients, in the order of params_with_grads."""
         return [p.grad for p in self.params_with_grads]
 
-    def _native_ok(self, process_group: ProcessGroup | None) -> bool:
-        return process_group is None and not torch.compiler.is_compiling()
+    def _planned(
+        self, norm_type: float, max_norm: float, policy: str, wide: bool, clip: bool
+    ) -> GradStats | None:
+        """The statistics from the plan (policy: a kernel policy), with clip the gradients clipped
+        by their coefficient (NaN/Inf zeroed under "zero"); None when the plan does not serve them.
+        DTensor gradients: the plan's local statistics combined over their meshes."""
+        if torch.compiler.is_compiling() or self._native.builds() == self._functional_build:
+            return None
+        out = ops.plan_stats(self._native, norm_type, max_norm, policy, wide, clip)
+        if out is None:
+            return None
+        *fields, local_double = out
+        if local_double is None:
+            return GradStats(*fields, norm_type)
+        layout = self._mesh_layout()
+        if layout is None or layout.partial:  # Partial DTensors are summed first: functional
+            self._functional_build = self._native.builds()
+            return None
+        check_combinable(norm_type, None, layout)
+        dtype = torch.float64 if wide or local_double else torch.float32
+        local = local_part(GradStats(*fields, norm_type))
+        st = combine(local, layout, norm_type, max_norm, policy, None, True, dtype)
+        if clip:
+            self.apply_clip(st.clip_coef, st.nonfinite if policy == "zero" else None)
+        return st
+
+    def _mesh_layout(self) -> MeshLayout | None:
+        """How the gradients of the current build lie over the meshes (taken once a build)."""
+        builds = self._native.builds()
+        if self._layout[0] != builds:
+            self._layout = (builds, mesh_layout(self.grads()))
+        return self._layout[1]
 
     def statistics(
         self,
@@ -116,16 +157,16 @@ class GradPlan:
     ) -> GradStats:
         """distributed.statistics of the gradients (arguments checked; on_nonfinite a kernel
         policy), from the plan when it serves them."""
-        if self._native_ok(process_group):
-            out = ops.plan_stats(self._native, norm_type, max_norm, on_nonfinite, wide, False)
-            if out is not None:
-                return GradStats(*out, norm_type)
+        if process_group is None:
+            st = self._planned(norm_type, max_norm, on_nonfinite, wide, False)
+            if st is not None:
+                return st
         grads = self.grads()
         return statistics(grads, norm_type, max_norm, on_nonfinite, process_group, per_tensor, wide)
 
     def apply_clip(self, coef: Tensor, zero_counts: Tensor | None = None) -> None:
         """_core.apply_clip of the gradients, from the plan when it serves them."""
-        if self._native_ok(None) and self._native.scale(coef, zero_counts):
+        if not torch.compiler.is_compiling() and self._native.scale(coef, zero_counts):
             return
         apply_clip(self.grads(), coef, zero_counts)
 
@@ -143,12 +184,11 @@ class GradPlan:
         """gradstats.clip_grad_norm_ of the parameters: the statistics and the clip in one native
         call (two with "error", whose raise comes between them)."""
         policy, p, limit = clip_arguments(max_norm, norm_type, error_if_nonfinite, on_nonfinite)
-        if self._native_ok(process_group):
+        if process_group is None:
             # "error" raises between the statistics and the clip; the others clip in the same call.
             clip_now = policy != "error"
-            out = ops.plan_stats(self._native, p, limit, kernel_policy(policy), False, clip_now)
-            if out is not None:
-                st = GradStats(*out, p)
+            st = self._planned(p, limit, kernel_policy(policy), False, clip_now)
+            if st is not None:
                 if not clip_now:
                     raise_if_nonfinite(st, self.grads(), p, norm_only=error_if_nonfinite)
                     self.apply_clip(st.clip_coef)
@@ -174,10 +214,10 @@ class GradPlan:
     ) -> GradStats:
         """gradstats.grad_stats of the parameters' gradients."""
         p, limit = stats_arguments(norm_type, max_norm)
-        if self._native_ok(process_group):
-            out = ops.plan_stats(self._native, p, limit, "propagate", False, False)
-            if out is not None:
-                return GradStats(*out, p).trimmed(max_norm is not None, per_tensor)
+        if process_group is None:
+            st = self._planned(p, limit, "propagate", False, False)
+            if st is not None:
+                return st.trimmed(max_norm is not None, per_tensor)
         return grad_stats(
             self._params, norm_type, max_norm, per_tensor, process_group=process_group
         )
