@@ -8,20 +8,18 @@ RUN_TIMEOUT_S (collectives themselves give up after COLLECTIVE_TIMEOUT_S).
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import signal
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import RUN_TIMEOUT_S, spawn
 from helpers import NORM_RTOL, assert_close_rel, child_env
 from reference import reference_clipped, reference_stats
 from torch import Tensor, nn
@@ -36,11 +34,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor import distribute_tensor as distribute
 
-LOOPBACK = "127.0.0.1"
 WORLD_SIZES = (2, 4)
-COLLECTIVE_TIMEOUT_S = 30
-# Generous for 4 processes importing torch on 2 busy cores; only a hang gets near it.
-RUN_TIMEOUT_S = 150
 NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
 # Below the norms of the test gradients (about 10), so that clipping happens.
 MAX_NORM = 0.5
@@ -69,19 +63,6 @@ def full_tensors() -> list[Tensor]:
 
 def key(norm_type: float) -> str:
     return str(norm_type)
-
-
-def count_all_reduces() -> list[int]:
-    """Wraps dist.all_reduce (which gradstats.distributed calls) to count calls: one list entry."""
-    calls = [0]
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    dist.all_reduce = counting
-    return calls
 
 
 def stats_record(st: gradstats.GradStats, collectives: int | None = None) -> dict:
@@ -348,64 +329,10 @@ SCENARIOS: dict[str, tuple[Callable[[int, int, list[int]], dict], tuple[int, ...
 }
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One rank: every scenario, results (or the traceback) saved to out_dir/rank<rank>.pt."""
-    torch.set_num_threads(1)  # the ranks share two cores
-    result: dict = {}
-    try:
-        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        store = dist.TCPStore(LOOPBACK, port, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-        calls = count_all_reduces()
-        for name, (scenario, sizes) in SCENARIOS.items():
-            if world in sizes:
-                result[name] = scenario(rank, world, calls)
-    except Exception:
-        result["error"] = traceback.format_exc()
-    finally:
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn(world: int, out_dir: Path) -> list[dict]:
-    """Runs `world` ranks and returns each rank's results; fails on a hang, crash or error."""
-    store = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=worker, args=(rank, world, store.port, str(out_dir)), daemon=True)
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=RUN_TIMEOUT_S)
-    for proc in procs:
-        proc.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for rank in hung:
-        procs[rank].kill()
-        procs[rank].join()
-    if hung:
-        pytest.fail(f"ranks {hung} of {world} did not finish within {RUN_TIMEOUT_S} s")
-    results, errors = [], []
-    for rank, proc in enumerate(procs):
-        path = out_dir / f"rank{rank}.pt"
-        if not path.exists():
-            errors.append(f"rank {rank} exited with {proc.exitcode} and saved nothing")
-            continue
-        result = torch.load(path)
-        if "error" in result:
-            errors.append(f"rank {rank} failed:\n{result['error']}")
-        results.append(result)
-    if errors:
-        # Every rank's: the first to fail makes the others fail in their next collective.
-        pytest.fail(f"{len(errors)} of {world} ranks failed\n" + "\n".join(errors))
-    return results
-
-
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"{w}ranks")
 def ranks(request, tmp_path_factory) -> list[dict]:
-    return spawn(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+    out_dir = tmp_path_factory.mktemp(f"world{request.param}")
+    return spawn(request.param, out_dir, __name__)
 
 
 # ---- checks, in the parent ----------------------------------------------------------------------

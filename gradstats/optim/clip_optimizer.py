@@ -200,6 +200,11 @@ class ClipGradOptimizer(Optimizer):
         return self._run["threshold"]
 
     @property
+    def plan(self) -> GradPlan:
+        """The GradPlan of the param_groups' parameters (plan.builds: how often it was planned)."""
+        return self._plan()
+
+    @property
     def skipped_steps(self) -> Tensor:
         """Steps skipped for NaN/Inf gradients so far (0-dim int64 on the device)."""
         return self._run["skipped_steps"]
