@@ -36,7 +36,7 @@ from gradstats._core import (
     kernel_policy,
     raise_if_nonfinite,
 )
-from gradstats.distributed import statistics
+from gradstats.distributed import reduced_statistics, statistics
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -84,7 +84,10 @@ def clip_grad_norm_(
     grads = collect_grads(parameters)
     if not grads and process_group is None:
         return empty_stats(p, True, True) if return_stats else torch.tensor(0.0)
-    st = statistics(grads, p, limit, kernel_policy(policy), process_group, per_tensor=return_stats)
+    kernel = kernel_policy(policy)
+    st = None if process_group is not None else reduced_statistics(grads, p, limit, kernel)
+    if st is None:
+        st = statistics(grads, p, limit, kernel, process_group, per_tensor=return_stats)
     if policy == "error":
         raise_if_nonfinite(st, grads, p, norm_only=error_if_nonfinite)
     apply_clip(grads, st.clip_coef, st.nonfinite if policy == "zero" else None)
@@ -108,7 +111,9 @@ def get_total_norm(
     items = as_tensor_list(tensors)
     if not items and process_group is None:
         return torch.tensor(0.0)
-    st = statistics(items, p, math.inf, "propagate", process_group, per_tensor=False)
+    st = None if process_group is not None else reduced_statistics(items, p, math.inf, "propagate")
+    if st is None:
+        st = statistics(items, p, math.inf, "propagate", process_group, per_tensor=False)
     if error_if_nonfinite:
         raise_if_nonfinite(st, items, p, norm_only=True)
     return st.total_norm

@@ -40,10 +40,12 @@ from gradstats._core import (
 from gradstats.clip import clip_grad_norm_
 from gradstats.distributed import (
     MeshLayout,
+    attached,
     check_combinable,
     combine,
     local_part,
     mesh_layout,
+    reduced_statistics,
     statistics,
 )
 from gradstats.stats import grad_stats
@@ -119,7 +121,15 @@ class GradPlan:
         """The statistics from the plan (policy: a kernel policy), with clip the gradients clipped
         by their coefficient (NaN/Inf zeroed under "zero"); None when the plan does not serve them.
         DTensor gradients: the plan's local statistics combined over their meshes."""
-        if torch.compiler.is_compiling() or self._native.builds() == self._functional_build:
+        if torch.compiler.is_compiling():
+            return None
+        if attached():  # the statistics a gradient reduction took, when they are these gradients'
+            st = reduced_statistics(self.grads(), norm_type, max_norm, policy, wide)
+            if st is not None:
+                if clip:
+                    self.apply_clip(st.clip_coef, st.nonfinite if policy == "zero" else None)
+                return st
+        if self._native.builds() == self._functional_build:
             return None
         out = ops.plan_stats(self._native, norm_type, max_norm, policy, wide, clip)
         if out is None:

@@ -17,7 +17,7 @@ from gradstats._core import (
     empty_stats,
     stats_arguments,
 )
-from gradstats.distributed import statistics
+from gradstats.distributed import reduced_statistics, statistics
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -46,7 +46,9 @@ def grad_stats(
     p, limit = stats_arguments(norm_type, max_norm)
     if not tensors and process_group is None:
         return empty_stats(p, max_norm is not None, per_tensor)
-    st = statistics(tensors, p, limit, "propagate", process_group, per_tensor)
+    st = None if process_group is not None else reduced_statistics(tensors, p, limit, "propagate")
+    if st is None:
+        st = statistics(tensors, p, limit, "propagate", process_group, per_tensor)
     return st.trimmed(max_norm is not None, per_tensor)
 
 
