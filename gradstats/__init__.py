@@ -4,6 +4,7 @@ One pass over every gradient gives the global and per-tensor norms, the NaN/Inf 
 coefficient; a second, in-place pass clips, and skips itself on the device when nothing needs it.
 """
 
+from gradstats import distributed
 from gradstats._build import BuildError
 from gradstats._core import GradStats
 from gradstats._version import __version__
@@ -32,6 +33,7 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "count_nonfinite",
+    "distributed",
     "get_total_norm",
     "grad_stats",
     "kernel_devices",
