@@ -10,7 +10,13 @@ import math
 
 import pytest
 import torch
-from bench_helpers import QUICK, bench_row, load_script, write_results
+from bench_helpers import (  # noqa: F401  (scratch_folder: autouse)
+    QUICK,
+    bench_row,
+    load_script,
+    scratch_folder,
+    write_results,
+)
 
 import gradstats
 from gradstats import bench
