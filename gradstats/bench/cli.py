@@ -127,19 +127,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pick_device(requested: str | None) -> torch.device:
-    has_cuda_kernels = env.has_cuda_kernels()
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible to torch")
-        if not has_cuda_kernels:
-            raise SystemExit(
-                "--device cuda: this gradstats build has no CUDA kernels (see python -m gradstats"
-                " info); rebuild with a CUDA toolkit and a CUDA build of torch"
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    if requested is None and torch.cuda.is_available() and has_cuda_kernels:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device a --device asks for (cpu, cuda, cuda:N; None: cuda when usable, else cpu),
+    checked: a device that cannot run gradstats stops the program with what is wrong and what to
+    do (SystemExit), rather than an error deep inside torch. The examples check theirs with it."""
+    if requested is None:
+        usable = torch.cuda.is_available() and env.has_cuda_kernels()
+        return torch.device("cuda", torch.cuda.current_device()) if usable else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise SystemExit(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise SystemExit(f"--device {requested}: gradstats has kernels for cpu and cuda only")
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
+        raise SystemExit(
+            f"--device {requested}: no CUDA device is visible to torch{build}; use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise SystemExit(
+            f"--device {requested}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    if not env.has_cuda_kernels():
+        raise SystemExit(
+            f"--device {requested}: this gradstats build has no CUDA kernels (see python -m "
+            "gradstats info); rebuild with a CUDA toolkit and a CUDA build of torch"
+        )
+    return torch.device("cuda", index)
 
 
 @dataclasses.dataclass(frozen=True)
