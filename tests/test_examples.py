@@ -3,13 +3,15 @@ bench's check), never an AssertionError from inside torch."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import child_env
-from monitor_helpers import EXAMPLES
+from monitor_helpers import EXAMPLES, load_example
 
 from gradstats.bench import pick_device
 
@@ -51,3 +53,25 @@ def test_the_device_check_says_what_is_wrong(monkeypatch, device, says):
         pick_device(device)
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(None) == torch.device("cpu")
+
+
+def test_the_unscaled_features_plot_shows_the_features():
+    """Its title says "Input features": it plots each feature's statistics, one line per feature
+    in each panel, at the scales the monitor saw (not a gradient heatmap)."""
+    pytest.importorskip("matplotlib")
+    example = load_example("nan_unscaled_features")
+    fig = example.feature_figure(example.train("unscaled"), "unscaled")
+    rms, largest = fig.axes
+
+    def feature_lines(axes):  # the labelled lines (not the findings' markers)
+        return [line for line in axes.get_lines() if not line.get_label().startswith("_")]
+
+    assert fig.get_suptitle().startswith("Input features (unscaled): per-feature statistics")
+    features = len(example.FEATURES)
+    assert len(feature_lines(rms)) == len(feature_lines(largest)) == features
+    typical = [float(np.nanmedian(line.get_ydata())) for line in feature_lines(rms)]
+    population = example.FEATURES[example.OUTLIER_FEATURE]
+    assert typical[example.OUTLIER_FEATURE] == pytest.approx(math.hypot(*population), rel=0.2)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        f"{j}: {name}" for j, name in enumerate(example.FEATURE_NAMES)
+    ]
