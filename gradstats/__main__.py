@@ -11,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gradstats import bench
 from gradstats._build import load_error
+from gradstats.bench import env
 
 BENCH = "bench"
 # The exit status of `info` (and of `bench`) when the native library cannot load.
@@ -37,8 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != [BENCH]:
         _parser().parse_args(argv)  # info, or the usage
-    from gradstats.bench import env  # after the library loaded, or failed to
-
     error = load_error()
     if error is not None:
         print("\n".join(env.info_lines(error)))
@@ -48,8 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return EXIT_NOT_LOADED
     if argv[:1] == [BENCH]:
-        from gradstats import bench
-
         return bench.main(argv[1:])
     print("\n".join(env.info_lines()))
     return 0
