@@ -110,6 +110,7 @@ class Runner:
         self.rows: list[Row] = []
         self.repeats_used: set[int] = set()  # by the bandwidth rows (the host rows say their own)
         self.retrying = True  # False while the machine stays busy (BUSY_RETRIES)
+        self.started = time.perf_counter()  # the run's wall time goes into the header
         self.timed_once = 0  # busy rows not timed again for that reason
 
     def header(self) -> dict[str, Any]:
@@ -165,6 +166,7 @@ class Runner:
                 "busy_retries": BUSY_RETRIES,
             },
             "notes": self.notes + self.busy_notes() + accuracy_notes(self.rows),
+            "wall_s": time.perf_counter() - self.started,
         }
 
     def busy_notes(self) -> list[str]:
@@ -219,8 +221,10 @@ class Runner:
             tiny = host.HostSet(tensors, self.device, self.generator)
             for variant in host.VARIANTS:
                 progress.start(f"{HOST_OVERHEAD} {tensors:,} tensors {variant}")
+                started = time.perf_counter()
                 case = host.host_case(tiny, variant, self.foreach)
                 row = self.time_case(case.sides, lambda t, c=case: host.host_row(c, t, self.device))
+                row["wall_s"] = time.perf_counter() - started
                 self.rows.append(row)
                 self.save()
                 progress.step()
@@ -260,6 +264,7 @@ class Runner:
         grads: GradPool | None = None
         for scenario in scenarios:
             progress.start(f"{preset.name} {dtype_name} {scenario}")
+            started = time.perf_counter()
             case = None  # frees the last case's inputs before the next one takes memory
             if scenario == "adamw-step":
                 grads = None
@@ -274,6 +279,7 @@ class Runner:
             row = self.time_case(
                 case.sides, lambda t, c=case: self.make_row(preset, dtype_name, c, t, floor_bytes)
             )
+            row["wall_s"] = time.perf_counter() - started  # inputs built, checked and timed
             self.repeats_used.add(row["repeats"])
             self.rows.append(row)
             self.save()
