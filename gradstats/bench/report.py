@@ -173,7 +173,11 @@ def busy_line(header: Header, busy: list[Row]) -> str:
     """Which rows were left out of the results, and why."""
     method = header.get("method", {})
     retries = method.get("busy_retries")
-    tries = f", still after {retries} re-measurements" if retries else ""
+    tries = (
+        f" (each timed up to {1 + retries} times, once while the machine stayed busy)"
+        if retries
+        else ""
+    )
     names = ", ".join(
         f"{row_label(row)} ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)" for row in busy
     )
