@@ -254,6 +254,12 @@ def wheel_command(torch_requirement: str) -> type:
     return PinnedTorchWheel
 
 
+# /proc/PID/stat fields after "(name) ": the state (3rd field), the parent's pid (4th), ... the
+# start time in clock ticks since boot (22nd).
+_STAT_PPID = 1
+_STAT_STARTTIME = 19
+
+
 def _processes() -> dict[int, tuple[int, float, list[str]]]:
     """pid: (parent pid, start in seconds since boot, argv) of each process /proc lets us read."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -266,9 +272,9 @@ def _processes() -> dict[int, tuple[int, float, list[str]]]:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        # Fields after the command name (which may hold spaces): state, ppid, ..., starttime (22nd).
-        fields = stat[stat.rindex(")") + 2 :].split()
-        found[int(entry.name)] = (int(fields[1]), int(fields[19]) / ticks, argv)
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the name, which may hold spaces
+        parent, start = int(fields[_STAT_PPID]), int(fields[_STAT_STARTTIME]) / ticks
+        found[int(entry.name)] = (parent, start, argv)
     return found
 
 
