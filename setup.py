@@ -1,6 +1,7 @@
 """Build gradstats._C against the torch that is already installed.
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation --config-settings editable_mode=compat -e .
+    pip wheel --no-build-isolation --no-deps -w DIR .     (the wheel requires this torch)
 
 Environment switches (all optional):
   GRADSTATS_CUDA=auto|0|1      build the CUDA kernels: auto (default) when a CUDA build of torch
@@ -22,17 +23,40 @@ Environment switches (all optional):
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from setuptools import setup
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1 kept it in the wheel package
+    from wheel.bdist_wheel import bdist_wheel
+
 ROOT = Path(__file__).parent.resolve()
+# What a source install (an sdist, an editable install) requires: the oldest torch CI tests (the
+# GPU machine's 2.11) up to the newest it builds against. A wheel requires the torch it was built
+# against instead (wheel_torch_requirement).
+SOURCE_REQUIREMENTS = ["torch>=2.11", "numpy"]
+# Where ./run's in-place build, `pip wheel .` and pip's editable install all keep the objects
+# (setuptools' usual folder; its editable install would otherwise compile into a fresh temporary
+# folder, everything again), so that ninja recompiles only what changed.
+BUILD_TEMP = ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+# Seconds between "still compiling" lines while one source compiles (./run's pip steps tick alike),
+# and how many looks at the running compilers per tick (each line comes at most a look late).
+COMPILE_TICK_S = 15
+LOOKS_PER_TICK = 3
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # The large launch table passes ~32 KB of kernel parameters (csrc/cuda/planner.h kMaxParamBytes):
 # CUDA 12.1 and compute capability 7.0 (Volta) are the first to allow more than 4 KB.
@@ -75,11 +99,16 @@ def find_cuda_toolkit() -> str | None:
     return next((c for c in candidates if _is_toolkit(c)), None)
 
 
-def cpu_has_avx2() -> bool:
-    spec = importlib.util.spec_from_file_location("_cpuinfo", ROOT / "gradstats" / "_cpuinfo.py")
+def _package_module(name: str):
+    """gradstats/NAME.py, loaded without importing the package (which needs the built library)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "gradstats" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.has_avx2()
+    return module
+
+
+def cpu_has_avx2() -> bool:
+    return _package_module("_cpuinfo").has_avx2()
 
 
 def decide_cuda(torch_cuda: str | None) -> str | None:
@@ -162,14 +191,161 @@ def import_torch():
     try:
         import torch
     except ModuleNotFoundError:
+        install = _package_module("_install")
         raise SystemExit(
             "gradstats builds against the torch you run, and none is importable here. If torch is "
             "installed, pip's build isolation hid it: install with\n"
-            "    pip install --no-build-isolation .\n"
-            "(or `pip install --no-build-isolation -e .` for development; `./run test` builds in "
-            "place). Otherwise install torch first (pip install torch)."
+            f"    {install.REGULAR}\n"
+            f"(or `{install.EDITABLE}` for development; `{install.IN_PLACE}` builds in place). "
+            "Otherwise install torch first (pip install torch)."
         ) from None
     return torch
+
+
+def wheel_torch_requirement(version: str) -> str:
+    """The torch a wheel built against torch `version` (as pip sees it) requires: that release,
+    with its flavour where pip can tell it.
+
+    A CUDA build's local label (+cu130) cannot be required: PyPI's torch wheels are CUDA builds
+    without a label (pip sees PyPI's 2.14.1, CUDA 13.0, as plain 2.14.1) and PyPI hosts no labelled
+    versions, so torch==2.14.1+cu130 would refuse the very binary the wheel was built against and
+    send pip looking for one that only PyTorch's own index has. The CUDA version is checked at
+    import instead (gradstats._build). Other labels are kept: +cpu builds exist only on PyTorch's
+    index, always labelled, so requiring +cpu refuses just the CUDA builds of the same release,
+    which a CPU build does not fit; a source build's label (+git...) names its own ABI.
+    """
+    release, _, label = version.partition("+")
+    return f"torch=={release}" if label.startswith("cu") else f"torch=={version}"
+
+
+def installed_torch_version(torch) -> str:
+    """The installed torch's version as pip sees it (PyPI's CUDA build says 2.14.1 to pip and
+    2.14.1+cu130 to torch.__version__)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # torch from a source tree on sys.path
+        return torch.__version__
+
+
+def pinned_requirements(torch_requirement: str) -> list[str]:
+    """SOURCE_REQUIREMENTS with torch's range replaced by torch_requirement."""
+    return [
+        torch_requirement if re.match(r"torch\b", requirement) else requirement
+        for requirement in SOURCE_REQUIREMENTS
+    ]
+
+
+def wheel_command(torch_requirement: str) -> type:
+    """bdist_wheel, with the wheel's metadata requiring torch_requirement: its binary loads only
+    into that torch. Source installs (sdist, editable) keep SOURCE_REQUIREMENTS."""
+
+    class PinnedTorchWheel(bdist_wheel):
+        def finalize_options(self) -> None:
+            # pip prepares one metadata for wheels and editable installs alike (with the source
+            # range), and setuptools would copy it into the wheel (--dist-info-dir): the wheel
+            # writes its own. pip checks a built wheel's name and version against the prepared
+            # metadata, not its requirements.
+            self.dist_info_dir = None
+            super().finalize_options()
+
+        def run(self) -> None:
+            requirements = pinned_requirements(torch_requirement)
+            self.distribution.install_requires = requirements
+            self.distribution.metadata.install_requires = requirements
+            super().run()
+
+    return PinnedTorchWheel
+
+
+# /proc/PID/stat fields after "(name) ": the state (3rd field), the parent's pid (4th), ... the
+# start time in clock ticks since boot (22nd).
+_STAT_PPID = 1
+_STAT_STARTTIME = 19
+
+
+def _processes() -> dict[int, tuple[int, float, list[str]]]:
+    """pid: (parent pid, start in seconds since boot, argv) of each process /proc lets us read."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the name, which may hold spaces
+        parent, start = int(fields[_STAT_PPID]), int(fields[_STAT_STARTTIME]) / ticks
+        found[int(entry.name)] = (parent, start, argv)
+    return found
+
+
+def compiling_sources(sources: dict[str, str], root_pid: int) -> dict[str, float]:
+    """{label: seconds} of the sources ({absolute path: label}) that processes under root_pid are
+    compiling now, timed from the oldest process that names each; {} where /proc is missing."""
+    try:
+        processes = _processes()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    started: dict[str, float] = {}
+    pending = list(children.get(root_pid, ()))
+    while pending:
+        pid = pending.pop()
+        pending += children.get(pid, ())
+        _, start, argv = processes[pid]
+        for path, label in sources.items():
+            if any(path in word for word in argv):
+                started[label] = min(start, started.get(label, start))
+    return {label: uptime - start for label, start in started.items()}
+
+
+@contextlib.contextmanager
+def compile_heartbeat(sources: dict[str, str], tick_s: float = COMPILE_TICK_S) -> Iterator[None]:
+    """While the body runs, a line for each source each time its compile has run another tick_s."""
+    stop = threading.Event()
+    ticks_said: dict[str, int] = {}
+
+    def beat() -> None:
+        while not stop.wait(tick_s / LOOKS_PER_TICK):
+            for label, seconds in sorted(compiling_sources(sources, os.getpid()).items()):
+                ticks = int(seconds // tick_s)
+                if ticks > ticks_said.get(label, 0):
+                    ticks_said[label] = ticks
+                    print(f"gradstats build: still compiling {label} ({seconds:.0f} s)", flush=True)
+
+    thread = threading.Thread(target=beat, name="compile-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def build_ext_command(torch_build_ext: type) -> type:
+    """torch's BuildExtension, keeping its objects in BUILD_TEMP and saying which source is still
+    compiling every COMPILE_TICK_S."""
+
+    class BuildExt(torch_build_ext):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = str(BUILD_TEMP)
+
+        def build_extensions(self) -> None:
+            sources = {
+                str((ROOT / source).resolve()): source
+                for ext in self.extensions
+                for source in ext.sources
+            }
+            with compile_heartbeat(sources):
+                super().build_extensions()
+
+    return BuildExt
 
 
 def build_extension():
@@ -212,6 +388,9 @@ def build_extension():
 
     info = {
         "torch": torch.__version__,
+        # The CUDA of the torch built against, whether or not CUDA kernels were built: the binary
+        # loads only into a torch of the same release and CUDA (gradstats._build).
+        "torch_cuda": torch.version.cuda,
         "cuda": torch.version.cuda if toolkit else None,
         "cuda_home": toolkit,
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if toolkit else None,
@@ -220,9 +399,13 @@ def build_extension():
         "sanitize": sanitize or None,
     }
     (ROOT / "gradstats" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return ext, cpp_extension.BuildExtension.with_options(use_ninja=True)
+    commands = {
+        "build_ext": build_ext_command(cpp_extension.BuildExtension.with_options(use_ninja=True)),
+        "bdist_wheel": wheel_command(wheel_torch_requirement(installed_torch_version(torch))),
+    }
+    return ext, commands
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
-    ext, build_ext = build_extension()
-    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+    ext, commands = build_extension()
+    setup(ext_modules=[ext], cmdclass=commands, install_requires=SOURCE_REQUIREMENTS)

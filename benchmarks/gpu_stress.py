@@ -30,7 +30,7 @@ import torch
 
 import gradstats
 from gradstats.bench.presets import make_preset
-from gradstats.bench.report import write_text_atomic
+from gradstats.bench.report import write_atomically
 
 CALLS_PER_STREAM = 200
 GRAPH_REPLAYS = 1_000
@@ -203,7 +203,7 @@ def main() -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
-        write_text_atomic(Path(args.json), text + "\n")
+        write_atomically(Path(args.json), text + "\n")
         print(f"wrote {args.json}")
     print("gpu_stress: ok" if ok else "gpu_stress: FAILED")
     return 0 if ok else 1

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import gradstats
+from gradstats.bench import pick_device
 
 FEATURES, HIDDEN, BATCH = 32, 64, 64
 SEED = 0
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
 
 def setup(device_type: str) -> torch.device:
     """One process per device, started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK...)."""
+    pick_device(device_type)  # a clear stop for a device that cannot run, as the bench
     if device_type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)

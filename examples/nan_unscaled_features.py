@@ -8,12 +8,17 @@ With --outlier the features are standardised but one row at step 30 holds a valu
 wrong unit; with --scaled everything is standardised and the report finds nothing.
 
     python examples/nan_unscaled_features.py [--outlier | --scaled] [--plot features.png]
+
+--plot draws what the monitor found: each input feature's RMS and largest |x| per step (and, next
+to it as features-gradients.png, the monitor's own plot of the gradients).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +35,9 @@ OUTLIER_STEP = 30
 OUTLIER_ROW = 11
 OUTLIER_FEATURE = 3
 OUTLIER_VALUE = 1.4e7
+FEATURE_NAMES = ("ratio", "age", "rooms", "population", "latitude")
+PLOT_SIZE_IN = (9.0, 6.0)
+PLOT_DPI = 120
 
 
 def batch(weights: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +70,33 @@ def train(mode: str = "unscaled", steps: int = STEPS) -> gradstats.GradMonitor:
     return monitor
 
 
+def feature_figure(monitor: gradstats.GradMonitor, mode: str):
+    """The per-feature input statistics the monitor kept: each feature's RMS and largest |x|, per
+    step, on log axes (a standardised feature sits near 1; unscaled ones spread over decades)."""
+    from matplotlib.figure import Figure
+
+    history = monitor.history()
+    (features,) = history.features  # the model's one input
+    steps = history.site_steps
+    largest = np.fmax(np.abs(features.low), np.abs(features.high))
+    fig = Figure(figsize=PLOT_SIZE_IN, layout="constrained")
+    rms_axes, max_axes = fig.subplots(2, 1, sharex=True)
+    for j in range(features.num_features):
+        label = f"{j}: {FEATURE_NAMES[j]}"
+        rms_axes.semilogy(steps, features.rms[:, j], marker=".", linewidth=1, label=label)
+        max_axes.semilogy(steps, largest[:, j], marker=".", linewidth=1, label=label)
+    for finding in monitor.diagnose():  # the steps of the findings the report gives
+        for axes in (rms_axes, max_axes):
+            axes.axvline(finding.step, color="grey", linestyle=":", linewidth=1)
+    rms_axes.set_ylabel("RMS per step")
+    max_axes.set_ylabel("largest |x| per step")
+    max_axes.set_xlabel("step (dotted: a finding)")
+    handles, labels = rms_axes.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+    fig.suptitle(f"Input features ({mode}): per-feature statistics of {features.site}")
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
@@ -73,7 +108,11 @@ def main() -> None:
     monitor = train(mode)
     print(monitor.report())
     if args.plot:
-        print(f"plot: {monitor.plot(args.plot, title=f'Input features ({mode})')}")
+        path = Path(args.plot)
+        feature_figure(monitor, mode).savefig(path, dpi=PLOT_DPI)
+        gradients = path.with_name(f"{path.stem}-gradients{path.suffix}")
+        monitor.plot(gradients, title=f"Per-parameter gradient norm ({mode} input features)")
+        print(f"plot: {path} (input features); {gradients} (gradients)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import gradstats
+from gradstats.bench import pick_device
 
 FEATURES, HIDDEN, BATCH = 32, 64, 128
 TEACHER_SEED = 0
@@ -34,7 +35,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # a clear stop for a device that cannot run, as the bench
     torch.manual_seed(TEACHER_SEED)
     teacher = nn.Linear(FEATURES, 1).to(device)
     model = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 1)).to(device)

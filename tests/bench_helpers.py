@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # --busy-share 1: a smoke run on a shared machine keeps its rows however busy the machine is.
 QUICK = [
@@ -21,6 +23,13 @@ QUICK = [
     "--busy-share",
     "1",
 ]
+
+
+@pytest.fixture(autouse=True)
+def scratch_folder(tmp_path, monkeypatch):
+    """Autouse where imported: a run without --json writes its results folder under the current
+    folder, so the tests run in a scratch one."""
+    monkeypatch.chdir(tmp_path)
 
 
 def load_script(name: str, monkeypatch):

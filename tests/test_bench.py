@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
-from bench_helpers import QUICK, ROOT, bench_row, load_script
+from bench_helpers import QUICK, ROOT, bench_row, load_script, scratch_folder  # noqa: F401
 from helpers import child_env
 
 import gradstats
 from gradstats import bench
-from gradstats.bench import env, plot, report, runner
+from gradstats.bench import cli, env, plot, report, runner
 from gradstats.bench.cases import BANDWIDTH_SCENARIOS
 from gradstats.bench.presets import PRESET_NAMES, make_preset
 
@@ -44,12 +47,12 @@ MODEL_SIZES = {
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
+    """python -m gradstats ARGS, from the (scratch) current folder."""
     return subprocess.run(
         [sys.executable, "-m", "gradstats", *args],
         capture_output=True,
         text=True,
         env=child_env(),
-        cwd=ROOT,
         timeout=SUBPROCESS_TIMEOUT_S,
     )
 
@@ -91,6 +94,24 @@ def test_info_command():
     assert f"gradstats {gradstats.__version__}" in result.stdout
     assert "built against: torch" in result.stdout
     assert "gradstats::stats" in result.stdout and "CPU" in result.stdout
+
+
+def test_info_lines_keep_their_columns():
+    """Every "label: value" line starts its value in one column, and every op's kernels start in
+    one column too (feature_stats, the longest op name, included)."""
+
+    def value_column(line: str, after: int) -> int:
+        return after + len(line[after:]) - len(line[after:].lstrip())
+
+    lines = env.info_lines()
+    labelled = [line for line in lines if re.match(r"[A-Za-z ]+: ", line)]
+    assert len(labelled) >= 6
+    assert {value_column(line, line.index(":") + 1) for line in labelled} == {env.INFO_LABEL_WIDTH}
+    ops = [line for line in lines if line.startswith("  gradstats::")]
+    assert len(ops) == len(gradstats.kernel_devices()) >= 3
+    assert any("feature_stats" in line for line in ops)
+    names_end = [line.index(" ", len("  gradstats::")) for line in ops]
+    assert len({value_column(line, end) for line, end in zip(ops, names_end)}) == 1, ops
 
 
 def test_bench_quick_writes_json_with_the_row_fields(tmp_path, capsys):
@@ -189,6 +210,79 @@ def test_unknown_preset_is_refused():
         bench.main(["--preset", "gpt5", "--device", "cpu"])
 
 
+def test_a_wrong_flag_prints_the_bench_usage():
+    """Not the usage of `python -m gradstats`, which knows none of the bench's flags."""
+    result = _run_module("bench", "--quik")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m gradstats bench")
+    assert "--busy-share" in result.stderr
+    assert "unrecognized arguments: --quik" in result.stderr
+
+
+def test_a_run_writes_its_results_to_a_folder_by_default(tmp_path, capsys):
+    args = [*QUICK, "--dtype", "float32", "--scenario", "stats"]
+    assert bench.main(args) == 0
+    (folder,) = (tmp_path / cli.DEFAULT_OUT_ROOT).iterdir()
+    assert folder.name.startswith("cpu-")
+    files = {kind: folder / name for kind, name in cli.RESULT_FILES.items()}
+    captured = capsys.readouterr()
+    assert f"results go to {cli.DEFAULT_OUT_ROOT / folder.name}" in captured.err
+    wrote = captured.out.strip().splitlines()[-1]
+    assert wrote.startswith(f"wrote results: {cli.DEFAULT_OUT_ROOT / folder.name / 'results.json'}")
+    (row,) = json.loads(files["json"].read_text())["rows"]
+    assert row["scenario"] == "stats"
+    assert "| many-tiny | float32 | stats vs get_total_norm |" in files["markdown"].read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert files["plot"].read_bytes().startswith(PNG_MAGIC)
+        assert f"plot: {cli.DEFAULT_OUT_ROOT / folder.name / 'results.png'}" in wrote
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f.name for f in files.values() if f.exists()
+    )  # no temporary file left behind
+
+
+def test_out_names_the_folder_and_json_alone_writes_only_the_json(tmp_path, capsys):
+    out = tmp_path / "mine"
+    args = [*QUICK, "--dtype", "float32", "--scenario", "stats"]
+    assert bench.main([*args, "--out", str(out), "--plot", str(tmp_path / "p.png")]) in (
+        0,
+        bench.EXIT_NO_PLOT,
+    )
+    assert (out / "results.json").exists() and (out / "results.md").exists()
+    assert not (out / "results.png").exists()  # --plot named its own file
+    assert bench.main([*args, "--json", str(tmp_path / "only.json")]) == 0
+    assert (tmp_path / "only.json").exists()
+    assert not (tmp_path / cli.DEFAULT_OUT_ROOT).exists()
+
+
+def test_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run stopped while it saves leaves the last complete file, and no half-written one."""
+    path = tmp_path / "r.json"
+    report.write_json(path, {"n": 1}, [])
+
+    def interrupted(source, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_json(path, {"n": 2}, [{"preset": "x"}])
+    assert json.loads(path.read_text())["header"] == {"n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_progress_says_it_is_still_timing_during_a_long_row(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # plain lines
+    tick_s = 0.05
+    progress = report.Progress(2, enabled=True, tick_s=tick_s)
+    progress.start("gpt2-small float32 adamw-step")
+    time.sleep(tick_s * 5)
+    progress.step()
+    progress.close()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "still timing" in line]
+    assert len(lines) >= 2, err
+    assert lines[0].startswith("[1/2] gpt2-small float32 adamw-step: still timing (")
+
+
 def test_targets_script_reports_holds_and_misses(tmp_path, capsys, monkeypatch):
     targets = load_script("targets", monkeypatch)
     rows = [
@@ -272,8 +366,26 @@ def test_busy_rows_and_negative_costs_are_not_published(tmp_path):
     assert "0.13x" not in text
     left_out = next(line for line in text.splitlines() if line.startswith("Left out:"))
     assert "1 row measured while other processes used more than 5% of the 2 CPUs" in left_out
+    assert "keep them with --busy-share 1" in left_out
     assert "many-small float32 clip that clips (40%)" in left_out
     assert "noise (< 0)" in text and "-0.25" not in text
+
+
+def test_a_table_whose_rows_were_all_busy_says_why_instead_of_empty_headers():
+    rows = [
+        {**bench_row("many-tiny", "float32", scenario, 2.0, 0.1), "busy": True}
+        for scenario in BANDWIDTH_SCENARIOS
+    ]
+    rows.append({"scenario": "host-overhead", "busy": True, "other_cpu_share": 0.7})
+    for row in rows:
+        row.update(preset=row.get("preset", "100 x 1"), dtype="float32", gradstats_ms=1.0)
+        row.update(torch_ms=2.0, gbps=1.0, other_cpu_share=0.7)
+    text = report.markdown({"method": {"busy_share": 0.05}}, rows)
+    assert "| preset |" not in text and "| tensors |" not in text
+    assert text.count("No row of this table was kept") == 2
+    assert f"all {len(BANDWIDTH_SCENARIOS)} were measured while other processes" in text
+    assert "all 1 were measured" in text
+    assert "--busy-share 1" in text
 
 
 def test_rows_without_the_busy_flag_are_judged_by_their_share():
@@ -330,6 +442,25 @@ def test_busy_rows_are_timed_again_then_marked(tmp_path, monkeypatch, shares, at
     assert bench.main([*args, "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["attempts"], row["busy"], row["other_cpu_share"]) == (attempts, busy, kept)
+    assert _Load.shares == []
+
+
+def test_a_machine_that_stays_busy_is_not_retried_row_after_row(tmp_path, monkeypatch):
+    """After a row stayed busy through its retries, the next rows are timed once each, until one
+    is quiet; the header says how many were."""
+    monkeypatch.setattr(env, "OtherLoad", _Load)
+    tries = 1 + runner.BUSY_RETRIES
+    busy_then_quiet = [0.5] * tries + [0.5, 0.0] + [0.5] * tries
+    monkeypatch.setattr(_Load, "shares", busy_then_quiet)
+    monkeypatch.setattr(runner, "BUSY_PAUSE_S", 0.0)
+    out = tmp_path / "bench.json"
+    scenarios = ["--scenario", "stats", "clip-noop", "clip", "adamw-step"]
+    args = [*QUICK, "--busy-share", "0.05", "--dtype", "float32", *scenarios, "--json", str(out)]
+    assert bench.main(args) == 0
+    payload = json.loads(out.read_text())
+    attempts = [(row["attempts"], row["busy"]) for row in payload["rows"]]
+    assert attempts == [(tries, True), (1, True), (1, False), (tries, True)]
+    assert any("1 busy row(s) were timed once" in note for note in payload["header"]["notes"])
     assert _Load.shares == []
 
 

@@ -10,7 +10,13 @@ import math
 
 import pytest
 import torch
-from bench_helpers import QUICK, bench_row, load_script, write_results
+from bench_helpers import (  # noqa: F401  (scratch_folder: autouse)
+    QUICK,
+    bench_row,
+    load_script,
+    scratch_folder,
+    write_results,
+)
 
 import gradstats
 from gradstats import bench
@@ -138,11 +144,12 @@ def test_readme_block_renders_the_host_table_and_the_planned_columns(tmp_path, m
     assert "10,000 x 1 float32 host overhead (clip that clips) (50%)" in left_out
 
 
-def test_a_run_of_busy_host_rows_prints_their_empty_table_and_no_other():
+def test_a_run_of_busy_host_rows_says_why_their_table_is_empty_and_prints_no_other():
     rows = [_host_row(100, "clip", 10.0, busy=True, other_cpu_share=0.6)]
     text = report.markdown({}, rows)
-    assert "| tensors | case |" in text and "| 100 |" not in text
-    assert "| preset | dtype |" not in text
+    assert "| tensors | case |" not in text and "| 100 |" not in text  # no empty headers
+    assert "No row of this table was kept: all 1 were measured while other processes" in text
+    assert "| preset | dtype |" not in text and text.count("No row of this table") == 1
     assert "Left out: 1 row" in text
 
 

@@ -4,8 +4,12 @@ architectures or toolkits too old for the kernels' 32 KB parameter tables."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +65,43 @@ def test_an_old_toolkit_stops_the_build(setup_py, tmp_path):
 def test_build_isolation_stops_with_the_command_to_use(setup_py, monkeypatch):
     """Plain `pip install .` runs setup.py where torch cannot be imported: one clear message."""
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as in isolation
-    with pytest.raises(SystemExit, match=r"pip install --no-build-isolation \."):
+    with pytest.raises(SystemExit, match=r"pip install --no-build-isolation --no-deps \."):
         setup_py.import_torch()
 
 
 def test_the_isolation_check_can_pass(setup_py):
     assert setup_py.import_torch().__version__
+
+
+def test_a_long_compile_is_named_every_tick(setup_py, tmp_path, capsys):
+    """A stand-in compiler (a child process whose command line names the source) runs for a few
+    ticks: the heartbeat names its source, with the seconds it has run, once a tick."""
+    source = tmp_path / "csrc" / "slow.cpp"
+    tick_s = 0.2
+    compiler = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-c", str(source)]
+    )
+    try:
+        with setup_py.compile_heartbeat({str(source): "csrc/slow.cpp"}, tick_s=tick_s):
+            time.sleep(tick_s * 4.5)
+    finally:
+        compiler.kill()
+        compiler.wait()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3, lines
+    assert all(
+        re.fullmatch(r"gradstats build: still compiling csrc/slow\.cpp \(\d+ s\)", x) for x in lines
+    )
+
+
+def test_only_running_compiles_are_named(setup_py, tmp_path):
+    assert (
+        setup_py.compiling_sources({str(tmp_path / "csrc" / "idle.cpp"): "idle"}, os.getpid()) == {}
+    )
+
+
+def test_builds_share_one_object_folder(setup_py):
+    """./run's in-place build, `pip wheel .` and pip's editable install (which would compile in a
+    fresh temporary folder) all keep their objects in build/, so none compiles what another did."""
+    assert setup_py.BUILD_TEMP.parent == ROOT / "build"
+    assert setup_py.BUILD_TEMP.name.startswith("temp.")

@@ -14,7 +14,15 @@ Uses only gradstats' public API (gradstats.__all__), as a user's script would.
 - reads: counting (or forbidding) the copies of tensor values to the host
 """
 
-from gradstats.bench.cli import DESCRIPTION, EXIT_ERROR, EXIT_NO_PLOT, add_arguments, main, run
+from gradstats.bench.cli import (
+    DESCRIPTION,
+    EXIT_ERROR,
+    EXIT_NO_PLOT,
+    add_arguments,
+    main,
+    pick_device,
+    run,
+)
 from gradstats.bench.env import info_lines
 
 __all__ = [
@@ -24,5 +32,6 @@ __all__ = [
     "add_arguments",
     "info_lines",
     "main",
+    "pick_device",
     "run",
 ]

@@ -10,6 +10,8 @@ gradstats.bench.host for the scenarios and gradstats.bench.timing for the method
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,14 @@ from gradstats.bench.cases import SCENARIOS, BenchError
 from gradstats.bench.host import HOST_COUNTS, QUICK_HOST_COUNTS
 from gradstats.bench.plot import PlotUnavailable, plot
 from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
-from gradstats.bench.report import BUSY_OTHER_SHARE, Row, markdown, read_json
+from gradstats.bench.report import (
+    BUSY_OTHER_SHARE,
+    KEEP_BUSY,
+    Row,
+    markdown,
+    read_json,
+    write_atomically,
+)
 from gradstats.bench.runner import BUSY_RETRIES, DTYPES, ROW_BUDGET_S, Config, Runner
 
 DESCRIPTION = __doc__
@@ -40,6 +49,11 @@ QUICK_REPEATS = 3
 
 EXIT_ERROR = 1
 EXIT_NO_PLOT = 3
+# Where a run writes its results when neither --out nor --json/--plot says where: a folder of its
+# own under the current one, named by device and UTC time, and the names of the files in it.
+DEFAULT_OUT_ROOT = Path("gradstats-bench")
+OUT_STAMP = "%Y%m%d-%H%M%S"
+RESULT_FILES = {"json": "results.json", "markdown": "results.md", "plot": "results.png"}
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -85,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny inputs, 3 repeats")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"write {', '.join(RESULT_FILES.values())} (the plot needs matplotlib) into DIR"
+        f" (default, when neither --json nor --plot is given: {DEFAULT_OUT_ROOT}/DEVICE-TIME)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write header and rows as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG (needs matplotlib)")
     parser.add_argument(
@@ -101,24 +122,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SHARE",
         help="a row during which other processes used more than this share of the CPUs is timed"
         f" again, up to {BUSY_RETRIES} times, then marked busy and left out of the table (default"
-        f" {BUSY_OTHER_SHARE:g}; 1 keeps every row)",
+        f" {BUSY_OTHER_SHARE:g}; {KEEP_BUSY} keeps every row)",
     )
 
 
 def pick_device(requested: str | None) -> torch.device:
-    has_cuda_kernels = env.has_cuda_kernels()
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible to torch")
-        if not has_cuda_kernels:
-            raise SystemExit(
-                "--device cuda: this gradstats build has no CUDA kernels (see python -m gradstats"
-                " info); rebuild with a CUDA toolkit and a CUDA build of torch"
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    if requested is None and torch.cuda.is_available() and has_cuda_kernels:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device a --device asks for (cpu, cuda, cuda:N; None: cuda when usable, else cpu),
+    checked: a device that cannot run gradstats stops the program with what is wrong and what to
+    do (SystemExit), rather than an error deep inside torch. The examples check theirs with it."""
+    if requested is None:
+        usable = torch.cuda.is_available() and env.has_cuda_kernels()
+        return torch.device("cuda", torch.cuda.current_device()) if usable else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise SystemExit(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise SystemExit(f"--device {requested}: gradstats has kernels for cpu and cuda only")
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
+        raise SystemExit(
+            f"--device {requested}: no CUDA device is visible to torch{build}; use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise SystemExit(
+            f"--device {requested}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    if not env.has_cuda_kernels():
+        raise SystemExit(
+            f"--device {requested}: this gradstats build has no CUDA kernels (see python -m "
+            "gradstats info); rebuild with a CUDA toolkit and a CUDA build of torch"
+        )
+    return torch.device("cuda", index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """The files a run writes (None: not written); plot_asked: --plot named the plot, so a missing
+    matplotlib is an error rather than a note."""
+
+    json: Path | None = None
+    markdown: Path | None = None
+    plot: Path | None = None
+    plot_asked: bool = False
+
+    def folder(self) -> Path | None:
+        """The folder of the results, when they share one."""
+        parents = {path.parent for path in (self.json, self.markdown, self.plot) if path}
+        return parents.pop() if len(parents) == 1 else None
+
+
+def outputs(args: argparse.Namespace, device: torch.device) -> Outputs:
+    """--json and --plot name their files; --out (or, when none of the three is given, a new
+    folder under DEFAULT_OUT_ROOT) holds the others."""
+    folder = args.out
+    if folder is None and args.json is None and args.plot is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime(OUT_STAMP)
+        folder = DEFAULT_OUT_ROOT / f"{device.type}-{stamp}"
+    named = {kind: folder / name if folder else None for kind, name in RESULT_FILES.items()}
+    return Outputs(
+        json=args.json or named["json"],
+        markdown=named["markdown"],
+        plot=args.plot or named["plot"],
+        plot_asked=args.plot is not None,
+    )
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -144,20 +215,22 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def report(
-    header: dict[str, Any], rows: list[Row], plot_path: Path | None, json_path: Path | None = None
-) -> int:
-    """Prints the markdown, writes the plot, then says which files were written."""
-    print(markdown(header, rows))
-    written = [] if json_path is None else [f"results: {json_path}"]
+def report(header: dict[str, Any], rows: list[Row], out: Outputs) -> int:
+    """Prints the markdown and writes it, writes the plot, then says which files were written."""
+    text = markdown(header, rows)
+    print(text)
+    written = [] if out.json is None else [f"results: {out.json}"]
+    if out.markdown is not None:
+        write_atomically(out.markdown, text + "\n")
+        written.append(f"markdown: {out.markdown}")
     status = 0
-    if plot_path is not None:
+    if out.plot is not None:
         try:
-            plot(plot_path, header, rows)
-            written.append(f"plot: {plot_path}")
+            plot(out.plot, header, rows)
+            written.append(f"plot: {out.plot}")
         except PlotUnavailable as err:
             print(f"gradstats bench: {err}", file=sys.stderr)
-            status = EXIT_NO_PLOT
+            status = EXIT_NO_PLOT if out.plot_asked else 0
     if written:
         print("\nwrote " + "; ".join(written))
     return status
@@ -167,8 +240,12 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark the parsed arguments ask for (or reports a saved run); the exit status."""
     if args.from_json is not None:
         header, rows = read_json(args.from_json)
-        return report(header, rows, args.plot)
+        return report(header, rows, Outputs(plot=args.plot, plot_asked=True))
     config = make_config(args)
+    out = outputs(args, config.device)
+    config = dataclasses.replace(config, json_path=out.json)
+    if out.folder() is not None:
+        print(f"gradstats bench: results go to {out.folder()}", file=sys.stderr)
     runner = Runner(config)
     try:
         runner.run()
@@ -178,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gradstats bench: {err}{kept}", file=sys.stderr)
         return EXIT_ERROR
     runner.save()
-    return report(runner.header(), runner.rows, args.plot, config.json_path)
+    return report(runner.header(), runner.rows, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,8 +205,52 @@ def versions() -> dict[str, Any]:
     }
 
 
-def info_lines() -> list[str]:
-    """What `python -m gradstats info` prints: versions, build vs installed, kernels, machine."""
+# `info` lines are "label: value", the values in one column.
+INFO_LABEL_WIDTH = len("built against: ")
+
+
+def _info(label: str, value: str) -> str:
+    return f"{label + ':':<{INFO_LABEL_WIDTH}}{value}"
+
+
+def _cpu_line() -> str:
+    return _info(
+        "CPU",
+        f"{cpu_model()}, {physical_cores()} cores, {os.cpu_count()} threads, "
+        f"torch uses {torch.get_num_threads()}",
+    )
+
+
+def _installed_line() -> str:
+    return _info("installed", f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}")
+
+
+def not_loaded_lines(error: gradstats.BuildError) -> list[str]:
+    """What `python -m gradstats info` prints when the native library cannot load: the versions
+    it can still read, then what is wrong and what to do (the BuildError's message)."""
+    built = error.built
+    made_for = (
+        f"torch {built['torch']}, CUDA {built.get('torch_cuda', built.get('cuda')) or 'none'}"
+        if built
+        else "nothing (gradstats is not built)"
+    )
+    return [
+        f"gradstats {gradstats.__version__} ({Path(gradstats.__file__).parent})",
+        f"python {platform.python_version()}",
+        _info("built against", made_for),
+        _installed_line(),
+        _info("library", "NOT LOADED"),
+        _cpu_line(),
+        "",
+        f"gradstats cannot load its native library: {error}",
+    ]
+
+
+def info_lines(error: gradstats.BuildError | None = None) -> list[str]:
+    """What `python -m gradstats info` prints: versions, build vs installed, kernels, machine; or,
+    given the BuildError of a library that cannot load, not_loaded_lines."""
+    if error is not None:
+        return not_loaded_lines(error)
     v = versions()
     build = gradstats.BUILD_INFO
     cuda_build = (
@@ -219,19 +263,22 @@ def info_lines() -> list[str]:
         gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         driver = nvidia_driver()
         gpu += f", driver {driver}" if driver else ""
+    kernels = gradstats.kernel_devices()
+    op_width = max(map(len, kernels))
     lines = [
         f"gradstats {v['gradstats']} ({Path(gradstats.__file__).parent})",
         f"python {v['python']}",
-        f"built against: torch {v['built_for_torch']}, CUDA {v['built_for_cuda'] or 'none'}",
-        f"installed:     torch {v['torch']}, CUDA {v['torch_cuda'] or 'none'}",
-        f"CUDA kernels:  {cuda_build}",
+        _info(
+            "built against", f"torch {v['built_for_torch']}, CUDA {v['built_for_cuda'] or 'none'}"
+        ),
+        _installed_line(),
+        _info("CUDA kernels", cuda_build),
         # import gradstats has checked the ISA against this CPU (gradstats._build).
-        f"CPU kernels:   {v['cpu_isa']}" + (", debug build" if build.get("debug") else ""),
-        f"GPU:           {gpu}",
-        f"CPU:           {cpu_model()}, {physical_cores()} cores, {os.cpu_count()} threads, "
-        f"torch uses {torch.get_num_threads()}",
+        _info("CPU kernels", v["cpu_isa"] + (", debug build" if build.get("debug") else "")),
+        _info("GPU", gpu),
+        _cpu_line(),
         "kernels:",
     ]
-    for op, keys in gradstats.kernel_devices().items():
-        lines.append(f"  gradstats::{op:<8} {', '.join(keys) or 'none'}")
+    for op, keys in kernels.items():
+        lines.append(f"  gradstats::{op:<{op_width}} {', '.join(keys) or 'none'}")
     return lines

@@ -13,6 +13,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,11 @@ BASELINES = ("torch", "apex")
 # A row during which other processes used more than this share of the CPUs is timed again, and
 # left out of the results if it stays that busy (the default of --busy-share).
 BUSY_OTHER_SHARE = 0.05
+# How a user keeps the busy rows (a share of 1: no row is ever too busy).
+KEEP_BUSY = "--busy-share 1"
 PROGRESS_LINE_WIDTH = 60
+# A row can take minutes on a busy machine: a "still timing" line at least this often.
+PROGRESS_TICK_S = 15.0
 # What a cost measured below zero shows instead of a number, and the note that explains it.
 NOISE = "noise (< 0)"
 NOISE_NOTE = (
@@ -43,34 +49,70 @@ Header = dict[str, Any]
 
 
 class Progress:
-    """A tqdm bar on stderr when tqdm is installed, else one plain line per row."""
+    """A tqdm bar on stderr when tqdm is installed, else one plain line per row; and, while a row
+    runs longer than tick_s, a "still timing" line every tick_s (from a thread that sleeps between
+    lines, so that it does not disturb the timings)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
+    def __init__(self, total: int, enabled: bool, tick_s: float = PROGRESS_TICK_S) -> None:
+        self.total, self.done, self.enabled, self.tick_s = total, 0, enabled, tick_s
         self.bar: Any = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
+        self.label = ""
+        self.started = self.last_line = time.monotonic()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.ticker: threading.Thread | None = None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
             self.bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+        self.ticker = threading.Thread(target=self._tick, name="bench-progress", daemon=True)
+        self.ticker.start()
+
+    def _position(self) -> str:
+        return f"[{self.done + 1}/{self.total}] {self.label}"
 
     def start(self, label: str) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.set_description(label)
-        else:
-            end = "\r" if sys.stderr.isatty() else "\n"
-            line = f"[{self.done + 1}/{self.total}] {label}"
-            print(line.ljust(PROGRESS_LINE_WIDTH), end=end, file=sys.stderr)
+        with self.lock:
+            self.label = label
+            self.started = self.last_line = time.monotonic()
+            if self.bar is not None:
+                self.bar.set_description(label)
+            else:
+                end = "\r" if sys.stderr.isatty() else "\n"
+                print(self._position().ljust(PROGRESS_LINE_WIDTH), end=end, file=sys.stderr)
+
+    def _tick(self) -> None:
+        while True:
+            with self.lock:
+                wait = self.last_line + self.tick_s - time.monotonic()
+                if wait <= 0:
+                    seconds = time.monotonic() - self.started
+                    line = f"{self._position()}: still timing ({seconds:.0f} s)"
+                    if self.bar is not None:
+                        self.bar.write(line, file=sys.stderr)
+                    else:
+                        print(line, file=sys.stderr)
+                    self.last_line = time.monotonic()
+                    wait = self.tick_s
+            if self.stopped.wait(wait):
+                return
 
     def step(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
+        with self.lock:
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(1)
 
     def close(self) -> None:
+        self.stopped.set()
+        if self.ticker is not None:
+            self.ticker.join()
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and sys.stderr.isatty():
@@ -131,7 +173,11 @@ def busy_line(header: Header, busy: list[Row]) -> str:
     """Which rows were left out of the results, and why."""
     method = header.get("method", {})
     retries = method.get("busy_retries")
-    tries = f", still after {retries} re-measurements" if retries else ""
+    tries = (
+        f" (each timed up to {1 + retries} times, once while the machine stayed busy)"
+        if retries
+        else ""
+    )
     names = ", ".join(
         f"{row_label(row)} ({(row.get('other_cpu_share') or 0.0) * PERCENT:.0f}%)" for row in busy
     )
@@ -141,27 +187,27 @@ def busy_line(header: Header, busy: list[Row]) -> str:
     return (
         f"Left out: {count} measured while other processes used more than "
         f"{busy_share(header) * PERCENT:.0f}% of {of_cpus}{tries} (their timings are noise, not "
-        f"results; rerun them on an idle machine): {names}"
+        f"results; rerun them on an idle machine, or keep them with {KEEP_BUSY}): {names}"
     )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes text to path through a temporary file in its folder and a rename: a reader, or a run
-    killed mid-write (a timeout), finds the previous file or the new one, never a truncated one."""
+def write_atomically(path: Path, text: str) -> None:
+    """Writes text to path through a temporary file in the same folder and os.replace: a reader,
+    or a run stopped halfway, sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
         raise
 
 
 def write_json(path: Path, header: Header, rows: list[Row]) -> None:
     payload = {"schema": SCHEMA_VERSION, "header": header, "rows": rows}
-    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+    write_atomically(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_json(path: Path) -> tuple[Header, list[Row]]:
@@ -297,6 +343,16 @@ def host_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _all_busy(header: Header, rows: list[Row], host: bool) -> str:
+    """What stands in for a table none of whose rows was kept."""
+    measured = sum(is_host(row) == host for row in rows)
+    return (
+        f"*No row of this table was kept: all {measured} were measured while other processes used"
+        f' more than {busy_share(header) * PERCENT:.0f}% of the CPUs (see "Left out" below);'
+        f" rerun on an idle machine, or keep them with {KEEP_BUSY}.*"
+    )
+
+
 def markdown(header: Header, rows: list[Row]) -> str:
     """Header lines (machine, versions, method), the table, the host-overhead table, then the
     notes."""
@@ -313,12 +369,13 @@ def markdown(header: Header, rows: list[Row]) -> str:
     results, busy = published(header, rows)
     bandwidth = [row for row in results if not is_host(row)]
     hosts = [row for row in results if is_host(row)]
-    # A kind of row the run measured gets its table even when every row of it was busy (the
-    # "Left out" line then says why it is empty); a kind it did not measure gets none.
+    # A kind of row the run measured gets its table, or, when every row of it was busy, a line
+    # that says so in its place; a kind it did not measure gets none.
     if not rows or not all(map(is_host, rows)):
-        lines += ["", table(bandwidth)]
+        lines += ["", table(bandwidth) if bandwidth or not rows else _all_busy(header, rows, False)]
     if any(map(is_host, rows)):
-        lines += ["", method.get("host_summary", HOST_METHOD), "", host_table(hosts)]
+        host = host_table(hosts) if hosts else _all_busy(header, rows, True)
+        lines += ["", method.get("host_summary", HOST_METHOD), "", host]
     if busy:
         lines += ["", busy_line(header, busy)]
     if any((row.get("overhead_reads") or 0.0) < 0 for row in bandwidth):

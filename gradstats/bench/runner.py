@@ -55,7 +55,9 @@ FLOAT32_BYTES = 4
 # The floor on a GPU is a copy: its buffer is allocated twice (source and destination).
 CUDA_FLOOR_BUFFERS = 2
 # A row timed while other processes were busy is timed again up to this many times, after a pause
-# that lets a short burst of other work pass; the least disturbed attempt is kept.
+# that lets a short burst of other work pass; the least disturbed attempt is kept. A row still busy
+# after them says that the machine is busy for longer than a burst: the rows after it are timed
+# once until one is quiet (retrying each would triple a busy run's time for nothing).
 BUSY_RETRIES = 2
 BUSY_PAUSE_S = 1.0
 
@@ -107,6 +109,9 @@ class Runner:
         self.notes: list[str] = []
         self.rows: list[Row] = []
         self.repeats_used: set[int] = set()  # by the bandwidth rows (the host rows say their own)
+        self.retrying = True  # False while the machine stays busy (BUSY_RETRIES)
+        self.started = time.perf_counter()  # the run's wall time goes into the header
+        self.timed_once = 0  # busy rows not timed again for that reason
 
     def header(self) -> dict[str, Any]:
         c = self.config
@@ -160,8 +165,17 @@ class Runner:
                 "busy_share": c.busy_share,
                 "busy_retries": BUSY_RETRIES,
             },
-            "notes": self.notes + accuracy_notes(self.rows),
+            "notes": self.notes + self.busy_notes() + accuracy_notes(self.rows),
+            "wall_s": time.perf_counter() - self.started,
         }
+
+    def busy_notes(self) -> list[str]:
+        if not self.timed_once:
+            return []
+        return [
+            f"{self.timed_once} busy row(s) were timed once, not {1 + BUSY_RETRIES} times: the "
+            "machine had stayed busy through the retries of a row before them"
+        ]
 
     def save(self) -> None:
         if self.config.json_path is not None:
@@ -207,8 +221,10 @@ class Runner:
             tiny = host.HostSet(tensors, self.device, self.generator)
             for variant in host.VARIANTS:
                 progress.start(f"{HOST_OVERHEAD} {tensors:,} tensors {variant}")
+                started = time.perf_counter()
                 case = host.host_case(tiny, variant, self.foreach)
                 row = self.time_case(case.sides, lambda t, c=case: host.host_row(c, t, self.device))
+                row["wall_s"] = time.perf_counter() - started
                 self.rows.append(row)
                 self.save()
                 progress.step()
@@ -248,6 +264,7 @@ class Runner:
         grads: GradPool | None = None
         for scenario in scenarios:
             progress.start(f"{preset.name} {dtype_name} {scenario}")
+            started = time.perf_counter()
             case = None  # frees the last case's inputs before the next one takes memory
             if scenario == "adamw-step":
                 grads = None
@@ -262,6 +279,7 @@ class Runner:
             row = self.time_case(
                 case.sides, lambda t, c=case: self.make_row(preset, dtype_name, c, t, floor_bytes)
             )
+            row["wall_s"] = time.perf_counter() - started  # inputs built, checked and timed
             self.repeats_used.add(row["repeats"])
             self.rows.append(row)
             self.save()
@@ -269,10 +287,11 @@ class Runner:
 
     def time_case(self, sides: list[Side], make_row: Callable[[Timings], Row]) -> Row:
         """Times the sides, again while other processes were busy (at most BUSY_RETRIES more
-        times); make_row turns timings into a row; the least disturbed attempt is the row, marked
-        busy when even it was."""
+        times, none while the machine stays busy); make_row turns timings into a row; the least
+        disturbed attempt is the row, marked busy when even it was."""
         best: Row | None = None
-        for attempt in range(1 + BUSY_RETRIES):
+        retries = BUSY_RETRIES if self.retrying else 0
+        for attempt in range(1 + retries):
             if attempt:
                 time.sleep(BUSY_PAUSE_S)
             row = self.time_once(sides, make_row)
@@ -282,6 +301,8 @@ class Runner:
                 break
         best["attempts"] = attempt + 1
         best["busy"] = is_busy(best, self.config.busy_share)
+        self.timed_once += best["busy"] and not retries
+        self.retrying = not best["busy"]
         return best
 
     def time_once(self, sides: list[Side], make_row: Callable[[Timings], Row]) -> Row:
