@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ import torch
 
 from gradstats.bench import env
 from gradstats.bench.cases import SCENARIOS, BenchError
+from gradstats.bench.dist import DIST_FILES, DIST_RANKS, DIST_SCENARIO, run_dist
+from gradstats.bench.dist import markdown as dist_markdown
 from gradstats.bench.host import HOST_COUNTS, QUICK_HOST_COUNTS
 from gradstats.bench.plot import PlotUnavailable, plot
 from gradstats.bench.presets import LLAMA_LAYERS, PRESET_NAMES
@@ -83,7 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", nargs="+", metavar="DTYPE", help=f"{', '.join(DTYPES)} or all (default all)"
     )
     parser.add_argument(
-        "--scenario", nargs="+", metavar="NAME", help=f"{', '.join(SCENARIOS)} or all (default all)"
+        "--scenario",
+        nargs="+",
+        metavar="NAME",
+        help=f"{', '.join(SCENARIOS)} or all (default all); or {DIST_SCENARIO}: DDP and FSDP2 on "
+        "--ranks processes the bench launches (gradstats.bench.dist; not part of all)",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=DIST_RANKS,
+        help=f"processes of the {DIST_SCENARIO} scenario (default {DIST_RANKS}; one GPU each on "
+        "cuda)",
     )
     parser.add_argument(
         "--repeats",
@@ -236,8 +251,41 @@ def report(header: dict[str, Any], rows: list[Row], out: Outputs) -> int:
     return status
 
 
+def run_dist_scenario(args: argparse.Namespace) -> int:
+    """The dist scenario: its own ranks, its own table (and dist.json / dist.md in the folder)."""
+    device = pick_device(args.device)
+    out = outputs(args, device)
+    try:
+        rows = run_dist(device.type, args.ranks)
+    except RuntimeError as err:
+        print(f"gradstats bench: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    machine = env.machine_info(device)
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
+    text = dist_markdown(rows, f"{device.type}: {where}", args.ranks)
+    print(text)
+    folder = out.folder()
+    if folder is not None:
+        payload = {
+            "machine": machine,
+            "versions": env.versions(),
+            "rows": [asdict(r) for r in rows],
+        }
+        write_atomically(folder / DIST_FILES["json"], json.dumps(payload, indent=1) + "\n")
+        write_atomically(folder / DIST_FILES["markdown"], text + "\n")
+        print(f"\nwrote {folder / DIST_FILES['json']}; {folder / DIST_FILES['markdown']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark the parsed arguments ask for (or reports a saved run); the exit status."""
+    names = _split(args.scenario)
+    if DIST_SCENARIO in names:
+        status = run_dist_scenario(args)
+        rest = [n for n in names if n != DIST_SCENARIO]
+        if not rest or status != 0:
+            return status
+        args = argparse.Namespace(**{**vars(args), "scenario": rest})
     if args.from_json is not None:
         header, rows = read_json(args.from_json)
         return report(header, rows, Outputs(plot=args.plot, plot_asked=True))

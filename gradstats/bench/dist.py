@@ -41,6 +41,10 @@ import gradstats
 GPT2_LIKE_WIDTH, GPT2_LIKE_LAYERS, GPT2_LIKE_VOCAB, GPT2_LIKE_POSITIONS = 128, 12, 2048, 256
 # The many-small case of the issue: 2,000 parameters of a few values each per rank.
 MANY_SMALL_TENSORS, MANY_SMALL_VALUES = 2_000, 64
+# The scenario's name, its default number of ranks, and the files it writes in the results folder.
+DIST_SCENARIO = "dist"
+DIST_RANKS = 2
+DIST_FILES = {"json": "dist.json", "markdown": "dist.md"}
 MAX_NORM = 1e-3  # below every norm: each step clips
 # The rows of the post-backward critical path.
 STEP_ALONE = "step alone: fused AdamW, no clip"
@@ -305,4 +309,13 @@ def clip_shares(rows: list[DistRow]) -> dict[tuple[str, str], tuple[float, float
     return out
 
 
-__all__ = ["MODELS", "DistRow", "clip_shares", "markdown", "run_dist"]
+__all__ = [
+    "DIST_FILES",
+    "DIST_RANKS",
+    "DIST_SCENARIO",
+    "MODELS",
+    "DistRow",
+    "clip_shares",
+    "markdown",
+    "run_dist",
+]

@@ -10,14 +10,13 @@ each kind its own table.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from gradstats._files import write_whole
 from gradstats.bench.cases import HOST_OVERHEAD, OURS_RTOL, SCENARIO_TITLES
 from gradstats.bench.host import HOST_SIDES
 from gradstats.bench.host import METHOD as HOST_METHOD
@@ -192,17 +191,9 @@ def busy_line(header: Header, busy: list[Row]) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Writes text to path through a temporary file in the same folder and os.replace: a reader,
-    or a run stopped halfway, sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Writes text to path whole (gradstats._files.write_whole): a reader, or a run stopped
+    halfway, sees the old file or the new one, never a part."""
+    write_whole(path, lambda temporary: temporary.write_text(text))
 
 
 def write_json(path: Path, header: Header, rows: list[Row]) -> None:

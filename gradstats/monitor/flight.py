@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradstats import ops
-from gradstats.monitor.files import write_whole
+from gradstats._files import write_whole
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.rings import NEVER
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from gradstats._core import CLIP_EPS
-from gradstats.monitor.files import write_whole
+from gradstats._files import write_whole
 from gradstats.monitor.history import Finding, MonitorHistory, MonitorThresholds
 from gradstats.monitor.report import fmt
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from gradstats import ops
+from gradstats._files import failure
 from gradstats.monitor.diagnose import diagnose_history
-from gradstats.monitor.files import failure
 from gradstats.monitor.flight import (
     TRIGGERS,
     FlightRecord,

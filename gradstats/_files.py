@@ -1,5 +1,6 @@
-"""Writing the monitor's files (the flight record and its plot) so that a failed write leaves
-nothing behind: each is written to a temporary file next to it, then renamed over it in one step."""
+"""Files written whole: to a temporary file next to the target, then renamed over it in one step
+(os.replace), so that a reader, or a write stopped halfway (a full disk, a timeout), finds the old
+file or the whole new one, never a part. Used by the monitor's flight record and the bench."""
 
 from __future__ import annotations
 
