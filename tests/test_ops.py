@@ -69,11 +69,11 @@ def test_build_info_matches_the_installed_torch():
 def test_import_refuses_a_build_made_for_another_torch(tmp_path, monkeypatch):
     from gradstats import _build
 
-    info = json.loads(_build._BUILD_INFO.read_text())
+    info = json.loads(_build.BUILD_INFO_FILE.read_text())
     info["torch"] = "1.0.0+old"
     fake = tmp_path / "_build_info.json"
     fake.write_text(json.dumps(info))
-    monkeypatch.setattr(_build, "_BUILD_INFO", fake)
+    monkeypatch.setattr(_build, "BUILD_INFO_FILE", fake)
     with pytest.raises(gradstats.BuildError, match=r"built for torch 1\.0\.0\+old.*installed"):
         _build.load_library()
 
