@@ -179,16 +179,18 @@ class ReductionStats:
         sealed = self._sealed
         if sealed is None or norm_type != self.norm_type or len(grads) != len(sealed.refs):
             return None
-        order = []
-        for g in grads:
-            k = sealed.position.get(id(g))
-            if k is None or sealed.refs[k]() is not g or g._version != sealed.versions[k]:
-                return None
-            order.append(k)
         norms, counts = sealed.norms, sealed.counts
-        if order != list(range(len(order))):
+        if not all(ref() is g for ref, g in zip(sealed.refs, grads)):  # another order, or others
+            order = [sealed.position.get(id(g)) for g in grads]
+            if any(k is None or sealed.refs[k]() is not g for k, g in zip(order, grads)):
+                return None
             select = torch.tensor(order, device=norms.device)
             norms, counts = norms.index_select(0, select), counts.index_select(1, select)
+            versions = [sealed.versions[k] for k in order]
+        else:
+            versions = sealed.versions
+        if [g._version for g in grads] != versions:  # changed in place since the reduction
+            return None
         layout = self._mesh_layout(grads)
         if layout is not None:
             check_combinable(norm_type, None, layout)
