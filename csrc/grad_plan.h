@@ -88,11 +88,20 @@ class GradLayout {
   static std::optional<DTensorParts> dtensor_parts(PyObject* grad) {
     static const pybind11::handle spec_name = interned("_spec");
     static const pybind11::handle local_name = interned("_local_tensor");
-    const pybind11::handle h(grad);
-    if (!pybind11::hasattr(h, spec_name) || !pybind11::hasattr(h, local_name)) return std::nullopt;
-    pybind11::object local = h.attr(local_name);
-    if (!THPVariable_Check(local.ptr())) return std::nullopt;
-    return DTensorParts{h.attr(spec_name), std::move(local)};
+    // One lookup each, an AttributeError meaning "not a DTensor" (cheaper than hasattr, then attr).
+    auto attribute = [grad](pybind11::handle name) {
+      PyObject* value = PyObject_GetAttr(grad, name.ptr());
+      if (value == nullptr) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw pybind11::error_already_set();
+        PyErr_Clear();
+      }
+      return pybind11::reinterpret_steal<pybind11::object>(value);
+    };
+    pybind11::object local = attribute(local_name);
+    if (!local || !THPVariable_Check(local.ptr())) return std::nullopt;
+    pybind11::object spec = attribute(spec_name);
+    if (!spec) return std::nullopt;
+    return DTensorParts{std::move(spec), std::move(local)};
   }
 
   bool is_dtensor() const { return kind_ == kDTensor; }
