@@ -322,14 +322,21 @@ inline bool GradPlan::verify() {
   const auto n = static_cast<size_t>(PyList_GET_SIZE(list));
   std::vector<const c10::TensorImpl*>& grads = chase_;
   grads.resize(n);
+  const auto item = [list](size_t i) { return PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i)); };
   for (size_t i = 0; i < n; ++i) {
-    grads[i] =
-        THPVariable_Unpack(PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i))).unsafeGetTensorImpl();
+    if (i + kPrefetchAhead < n) __builtin_prefetch(item(i + kPrefetchAhead));
+    grads[i] = THPVariable_Unpack(item(i)).unsafeGetTensorImpl();
   }
   for (size_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < n) prefetch_object(grads[i + kPrefetchAhead]);
     grads[i] = reinterpret_cast<const c10::TensorImpl*>(grads[i]->autograd_meta());
   }
   for (size_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < n && grads[i + kPrefetchAhead] != nullptr) {
+      const auto* ahead =
+          reinterpret_cast<const torch::autograd::AutogradMeta*>(grads[i + kPrefetchAhead]);
+      __builtin_prefetch(&ahead->grad_);
+    }
     const auto* meta = reinterpret_cast<const torch::autograd::AutogradMeta*>(grads[i]);
     grads[i] =
         meta == nullptr || !meta->grad_.defined() ? nullptr : meta->grad_.unsafeGetTensorImpl();
@@ -344,7 +351,7 @@ inline bool GradPlan::verify() {
     const GradLayout& layout = layouts_[i];
     const c10::TensorImpl* g = grads[i];
     if (layout.is_dtensor()) {
-      g = layout.local_tensor(PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i)), g);
+      g = layout.local_tensor(item(i), g);
       if (g == nullptr) return false;
     } else if (!layout.matches(g)) {
       return false;
