@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/view_as_real.h>
@@ -20,7 +21,8 @@ const std::vector<std::pair<const char*, const char*>>& argument_messages() {
       {"max_norm", "max_norm must be a non-negative number (or inf)"},
       {"on_nonfinite", "the op's on_nonfinite must be 'propagate', 'skip' or 'zero'"},
       {"dtype", "expected float64, float32, float16 or bfloat16"},
-      {"complex", "complex64/complex128 are read through their real view"},
+      {"complex",
+       "complex64/complex128 are read as their moduli, as torch.linalg.vector_norm reads them"},
   };
   return table;
 }
@@ -83,8 +85,11 @@ std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, 
         ", storage offset ", t.storage_offset(), ") reaches past the end of its storage (",
         t.has_storage() ? t.storage().nbytes() : 0,
         " bytes); was the storage resized in place since the tensor was made?");
-    // The conjugate bit changes no norm, count or real scale factor: read the memory as it is.
-    at::Tensor real = t.is_complex() ? at::view_as_real(t.is_conj() ? t.conj() : t) : t;
+    // Complex tensors: the statistics are those of the moduli (torch's norms of every order, one
+    // count per complex element), scaling goes through the real view (a real factor scales both
+    // parts; the conjugate bit changes nothing, so the memory is scaled as it is).
+    at::Tensor real = t;
+    if (t.is_complex()) real = write ? at::view_as_real(t.is_conj() ? t.conj() : t) : at::abs(t);
     const auto type = real.scalar_type();
     TORCH_CHECK(supported_dtype(type), "gradstats.", op, ": tensor ", i, " has dtype ",
                 t.scalar_type(), "; ", message("dtype"), " (", message("complex"), ")");

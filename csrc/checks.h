@@ -20,10 +20,11 @@ namespace gradstats {
 // from this table (gradstats._C).
 const std::vector<std::pair<const char*, const char*>>& argument_messages();
 
-// The element types the kernels read (complex tensors through their real view).
+// The element types the kernels read (complex tensors: their moduli, or their real views to scale).
 bool supported_dtype(at::ScalarType type);
 
-// The validated inputs of one call: complex tensors replaced by their real views.
+// The validated inputs of one call: complex tensors replaced by their moduli (write=false: the
+// statistics are those torch computes) or by their real views (write=true: scaled in place).
 // write=true (scale_) also rejects tensors whose elements share memory; write=false replaces the
 // tensors the kernels cannot walk (is_walkable) by contiguous copies.
 std::vector<at::Tensor> prepare_tensors(at::TensorList tensors, const char* op, bool write);

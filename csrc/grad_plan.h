@@ -199,13 +199,12 @@ inline const c10::TensorImpl* current_grad(PyObject* param) {
 }
 
 // Whether the kernels can keep a gradient in a plan across steps: a dense_tensor of a supported
-// dtype, on the plan's device, walkable in place (a cached contiguous copy would go stale) and not
-// writing any element twice.
+// real dtype (a complex one is read through its moduli, computed anew each call: checks.h), on the
+// plan's device, walkable in place (a cached contiguous copy would go stale) and not writing any
+// element twice.
 inline bool plannable(const at::Tensor& g, c10::Device device) {
-  const at::ScalarType type =
-      g.is_complex() ? c10::toRealValueType(g.scalar_type()) : g.scalar_type();
-  return dense_tensor(g) && supported_dtype(type) && g.device() == device && is_walkable(g) &&
-         at::has_internal_overlap(g) != at::MemOverlap::Yes;
+  return dense_tensor(g) && supported_dtype(g.scalar_type()) && g.device() == device &&
+         is_walkable(g) && at::has_internal_overlap(g) != at::MemOverlap::Yes;
 }
 
 class GradPlan {

@@ -210,7 +210,7 @@ def test_what_the_plan_does_not_keep_takes_the_functional_path(kind):
     ref = gradstats.grad_stats(functional)
     assert torch.equal(st.total_norm, ref.total_norm)
     assert torch.equal(st.counts, ref.counts)
-    if kind == "complex":  # complex gradients are planned through their real view
+    if kind == "complex":  # complex gradients: read as their moduli, scaled through the real view
         got = plan.clip_grad_norm_(0.5)
         assert torch.equal(got, gradstats.clip_grad_norm_(functional, 0.5))
         assert_same_grads(params, functional)

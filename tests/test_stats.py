@@ -82,11 +82,37 @@ def test_non_contiguous_tensors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_complex_tensors_read_through_real_view(device):
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, 0.5, math.inf, 0.0, -1.0])
+def test_complex_tensors_give_torchs_norm_of_the_moduli(device, norm_type):
+    """torch.linalg.vector_norm of a complex tensor is the norm of its moduli, for every order (the
+    real view agrees only for p = 2); the conjugate has the same moduli."""
     z = torch.randn(1000, dtype=torch.complex64, device=device)
-    total = ops.stats([z, z.conj()], 2.0, 1.0, "propagate")[0]
-    want = math.sqrt(2) * torch.linalg.vector_norm(z.cdouble()).item()
-    assert_close_rel(total.item(), want, 1e-6, "complex norm")
+    z[7] = 0  # a zero element: it counts for p = 0 and decides p < 0
+    total = ops.stats([z, z.conj()], norm_type, 1.0, "propagate")[0]
+    want = gradstats.get_total_norm([z.cdouble().abs(), z.cdouble().abs()], norm_type)
+    torch_norms = torch.stack([torch.linalg.vector_norm(t.cdouble(), norm_type) for t in (z, z)])
+    assert_close_rel(total.item(), want.item(), 1e-6, f"complex norm, p={norm_type}")
+    if norm_type not in (0.0,):  # torch's norm of norms counts nonzero norms for p = 0
+        want_torch = torch.linalg.vector_norm(torch_norms, norm_type).item()
+        assert_close_rel(total.item(), want_torch, 1e-6, f"against torch, p={norm_type}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_complex_element_with_nan_counts_once(device):
+    z = torch.randn(10, dtype=torch.complex64, device=device)
+    z[3] = complex(math.nan, 1.0)
+    z[5] = complex(math.nan, math.nan)
+    z[8] = complex(math.inf, 0.0)
+    counts = ops.stats([z], 2.0, 1.0, "propagate")[3]
+    assert counts[:, 0].tolist() == [2, 1, 3]  # NaN, Inf, NaN + Inf: per complex element
+
+
+def test_the_real_view_would_differ_for_p_other_than_2():
+    """Negative control: the real view's 1-norm is not torch's (why the moduli are read)."""
+    z = torch.randn(1000, dtype=torch.complex64)
+    real_view = torch.linalg.vector_norm(torch.view_as_real(z).double(), 1.0).item()
+    torch_value = torch.linalg.vector_norm(z.cdouble(), 1.0).item()
+    assert abs(real_view - torch_value) > 1e-3 * torch_value
 
 
 @pytest.mark.parametrize("device", DEVICES)
