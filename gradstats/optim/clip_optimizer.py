@@ -434,7 +434,8 @@ class ClipGradOptimizer(Optimizer):
 
         Keys: those of GradStats.to_dict() (norms and non-finite counts keyed by parameter name),
         plus max_norm (the threshold used), skipped (this step), skipped_steps and
-        consecutive_nonfinite.
+        consecutive_nonfinite. The names are the model's when the inner optimizer was given
+        model.named_parameters() (torch keeps them in its param_groups), else "param_groups[i][j]".
         """
         run = self._run
         device = run["skipped_steps"].device
