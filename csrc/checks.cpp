@@ -258,6 +258,19 @@ void register_sparse_rejections(torch::Library& m) {
 
 }  // namespace
 
+// The conjugate and negative bits change no modulus, no count and nothing a real factor does: the
+// kernels read and scale the memory as it is (checks.cpp prepare_tensors), so these ops skip the
+// dispatcher's fallbacks, which copy the inputs and refuse mutable lists such as scale_'s.
+// (feature_stats is not among them: a negative bit changes sums and extremes.)
+TORCH_LIBRARY_IMPL(gradstats, Conjugate, m) {
+  m.impl("stats", torch::CppFunction::makeFallthrough());
+  m.impl("scale_", torch::CppFunction::makeFallthrough());
+}
+TORCH_LIBRARY_IMPL(gradstats, Negative, m) {
+  m.impl("stats", torch::CppFunction::makeFallthrough());
+  m.impl("scale_", torch::CppFunction::makeFallthrough());
+}
+
 TORCH_LIBRARY_IMPL(gradstats, SparseCPU, m) { register_sparse_rejections(m); }
 TORCH_LIBRARY_IMPL(gradstats, SparseCUDA, m) { register_sparse_rejections(m); }
 TORCH_LIBRARY_IMPL(gradstats, SparseCsrCPU, m) { register_sparse_rejections(m); }

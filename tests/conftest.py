@@ -14,7 +14,7 @@ import torch
 FRAMEWORKS = ("torch", "transformers", "accelerate", "lightning")
 
 
-def pytest_report_header(config):
+def framework_versions() -> str:
     versions = []
     for name in FRAMEWORKS:
         try:
@@ -22,6 +22,10 @@ def pytest_report_header(config):
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     return "gradstats tested against: " + ", ".join(versions)
+
+
+def pytest_report_header(config):
+    return framework_versions()
 
 
 def pytest_runtest_setup(item):
@@ -37,7 +41,9 @@ def _seed():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Why cases were skipped, counted by reason (pytest's summary line gives only the total)."""
+    """The framework versions (pytest -q hides the header), then why cases were skipped, counted
+    by reason (pytest's summary line gives only the total)."""
+    terminalreporter.write_line(framework_versions())
     reasons: Counter[str] = Counter()
     for report in terminalreporter.stats.get("skipped", []):
         longrepr = report.longrepr

@@ -102,3 +102,13 @@ def equal_bitwise(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(equal_bitwise(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def twin(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Independent copies of parameters and their gradients (to run the functional call on)."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out

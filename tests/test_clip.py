@@ -324,3 +324,23 @@ def test_compile_fullgraph_aot_eager():
     assert_close_rel(norm.item(), twin_norm.item(), 1e-5, "compiled norm")
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_conjugate_and_negative_views_are_clipped_as_torch_clips_them(device, view):
+    """A gradient carrying the conjugate or the negative bit (a lazy view of other memory): the
+    same norm and clipped values as torch on the resolved tensor, and the bit kept."""
+    dtype = torch.complex64 if view == "conj" else torch.float32
+    base = (torch.randn(300, dtype=dtype) * 10).to(device)
+    lazy = base.conj() if view == "conj" else base._neg_view()
+    resolved = lazy.resolve_conj().resolve_neg().clone()
+    ours, theirs = torch.nn.Parameter(torch.zeros_like(resolved)), torch.nn.Parameter(resolved)
+    ours.grad, theirs.grad = lazy, resolved.clone()
+    norm = gradstats.clip_grad_norm_([ours], 1.0)
+    want = torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    assert ours.grad.is_conj() == (view == "conj") and ours.grad.is_neg() == (view == "neg")
+    torch.testing.assert_close(
+        ours.grad.resolve_conj().resolve_neg(), theirs.grad, rtol=1e-6, atol=0
+    )

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, twin
 from torch import nn
 
 import gradstats
@@ -21,15 +21,6 @@ def make_params(device: str, seed: int = 0) -> list[nn.Parameter]:
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device) * 3
     return params
-
-
-def twin(params: list[nn.Parameter]) -> list[nn.Parameter]:
-    out = []
-    for p in params:
-        q = nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
 
 
 def same(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import twin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,19 +27,9 @@ def params_with_grads(shapes, seed=0, scale=3.0):
     return params
 
 
-def twins(params):
-    """Independent copies (parameter and gradient) to run the functional call on."""
-    out = []
-    for p in params:
-        q = nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
-
-
 def assert_planned_is_functional(plan, params, **kwargs):
     """The planned clip and the functional clip of twins: bitwise the same norm and gradients."""
-    functional = twins(params)
+    functional = twin(params)
     got = plan.clip_grad_norm_(MAX_NORM, **kwargs)
     want = gradstats.clip_grad_norm_(functional, MAX_NORM, **kwargs)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
@@ -109,7 +100,7 @@ def test_same_numel_new_layout_re_plans(change):
     else:
         assert not g.is_contiguous()
         g.resize_(4, 8)  # the same numel and memory, contiguous strides from its offset now
-    params[0].data = torch.zeros(params[0].grad.shape)  # the shape twins() assigns against
+    params[0].data = torch.zeros(params[0].grad.shape)  # the shape twin() assigns against
     assert_planned_is_functional(plan, params)
     assert plan.builds == 2
 
